@@ -1,0 +1,30 @@
+"""lct_kernels: fused kernels for latent consistency training (sLCT, iCT).
+
+Public API:
+    cauchy_loss, pseudo_huber_loss, geman_mcclure_loss   fused robust losses
+    consistency_objective                                 fused consistency + diffusion objective
+    nn                                                    thin modules over the ops
+    backend_info()                                        what loaded, and why anything did not
+
+Importing never fails because a compiled extension is missing; backend_info()
+(or ``python -m lct_kernels``) says what is usable.
+"""
+
+from . import _ext  # noqa: F401  (loads the compiled libraries first)
+from ._backend import BackendUnavailable, backend_info, format_backend_info
+from .ops.consistency_objective import consistency_objective
+from .ops.robust_loss import cauchy_loss, geman_mcclure_loss, pseudo_huber_loss
+from . import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cauchy_loss",
+    "pseudo_huber_loss",
+    "geman_mcclure_loss",
+    "consistency_objective",
+    "nn",
+    "backend_info",
+    "format_backend_info",
+    "BackendUnavailable",
+]

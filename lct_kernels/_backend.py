@@ -1,0 +1,204 @@
+"""Backend discovery and selection.
+
+Four backends implement every public op:
+    cuda    compiled CUDA kernels (lct_kernels._C_cuda), CUDA tensors
+    triton  Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    cpu     compiled C++ kernels (lct_kernels._C), CPU tensors
+    torch   the pure-PyTorch reference, any device
+
+Rules:
+  * ``backend=`` on an op, else the ``LCT_BACKEND`` environment variable, forces a
+    backend.  A forced backend that cannot run raises ``BackendUnavailable`` with
+    the reason.
+  * Otherwise the choice follows the device: CUDA tensors use cuda, else triton,
+    else torch; CPU tensors use cpu, else torch.  Falling back past the first
+    choice warns once per (op, device, backend), naming what was missing.
+
+Everything the selection reads is computed once at import, so selection is a
+few dictionary lookups and traces cleanly under ``torch.compile``.
+"""
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+# op family -> the registered operators its compiled backends need.
+OP_FAMILIES = {
+    "robust_loss": ("lct::robust_loss", "lct::scale_rows"),
+    "consistency_objective": ("lct::consistency_objective",),
+}
+
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run the requested op on the given device."""
+
+
+def _has_kernel(qualname, key):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+    except RuntimeError:  # the op itself is not registered
+        return False
+
+
+def _compiled_status(op, backend):
+    ext = _ext.CUDA_EXT if backend == "cuda" else _ext.CPU_EXT
+    if not ext.loaded:
+        return False, f"extension {ext.name}: {ext.reason}"
+    key = "CUDA" if backend == "cuda" else "CPU"
+    missing = [q for q in OP_FAMILIES[op] if not _has_kernel(q, key)]
+    if missing:
+        return False, f"no {key} kernel registered for {', '.join(missing)}"
+    if backend == "cuda" and not CUDA_AVAILABLE:
+        return False, "torch.cuda.is_available() is False"
+    return True, "ok"
+
+
+def _triton_status(device_type):
+    if not TRITON_IMPORTABLE:
+        return False, "triton is not installed (pip install 'lct_kernels[triton]')"
+    if device_type == "cuda":
+        return (True, "ok") if CUDA_AVAILABLE else (False, "no CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "ok (interpreter)"
+    return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+
+
+# (op, backend) -> (ok, reason) for the compiled backends; fixed after import.
+_COMPILED = {(op, be): _compiled_status(op, be) for op in OP_FAMILIES for be in ("cuda", "cpu")}
+_WARNED = set()
+
+
+def status(op, backend, device_type):
+    """(usable: bool, reason: str) for running ``op`` with ``backend`` on ``device_type``."""
+    if backend == "torch":
+        return True, "ok"
+    if backend == "triton":
+        return _triton_status(device_type)
+    if backend not in ("cuda", "cpu"):
+        return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend != device_type:
+        return False, f"the {backend} backend runs on {backend} tensors, got {device_type} tensors"
+    return _COMPILED[(op, backend)]
+
+
+def requested_backend(backend, caller):
+    """The forced backend name (argument first, then LCT_BACKEND), or None."""
+    if backend is None:
+        backend = os.environ.get("LCT_BACKEND") or None
+        source = "LCT_BACKEND"
+    else:
+        source = "backend"
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(
+            f"{caller}: {source} must be one of {', '.join(BACKENDS)} or None, got {backend!r}"
+        )
+    return backend
+
+
+def select(op, device, backend=None, caller=None):
+    """Pick the backend that runs ``op`` for tensors on ``device``."""
+    caller = caller or op
+    device_type = device.type if isinstance(device, torch.device) else str(device)
+    forced = requested_backend(backend, caller)
+    if forced is not None:
+        ok, reason = status(op, forced, device_type)
+        if not ok:
+            raise BackendUnavailable(f"{caller}: backend {forced!r} is unavailable: {reason}")
+        return forced
+    order = AUTO_ORDER.get(device_type)
+    if order is None:
+        return "torch"
+    skipped = []
+    for name in order:
+        ok, reason = status(op, name, device_type)
+        if ok:
+            if skipped and not torch.compiler.is_compiling():
+                key = (op, device_type, name)
+                if key not in _WARNED:
+                    _WARNED.add(key)
+                    warnings.warn(
+                        f"lct_kernels: {caller} on {device_type} tensors falls back to the "
+                        f"{name!r} backend ({'; '.join(skipped)}). See lct_kernels.backend_info().",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            return name
+        skipped.append(f"{name}: {reason}")
+    raise BackendUnavailable(f"{caller}: no backend can run on {device_type}")  # unreachable
+
+
+def backend_info():
+    """A structured report: versions, built extensions, and usable backends per op and device."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:  # noqa: BLE001 - report, never fail
+        triton_version = f"unavailable ({type(exc).__name__}: {exc})"
+    devices = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
+    backends = {}
+    for op in OP_FAMILIES:
+        backends[op] = {}
+        for dev in ("cpu", "cuda"):
+            backends[op][dev] = {}
+            for be in BACKENDS:
+                if be in ("cpu", "cuda") and be != dev:
+                    continue
+                ok, reason = status(op, be, dev)
+                backends[op][dev][be] = {"usable": ok, "reason": reason}
+    info = {
+        "versions": {
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": triton_version,
+            "python": ".".join(map(str, __import__("sys").version_info[:3])),
+        },
+        "build": _ext.BUILD_INFO,
+        "extensions": {"_C": _ext.CPU_EXT.as_dict(), "_C_cuda": _ext.CUDA_EXT.as_dict()},
+        "devices": devices,
+        "cuda_device": torch.cuda.get_device_name(0) if CUDA_AVAILABLE else None,
+        "LCT_BACKEND": os.environ.get("LCT_BACKEND"),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+        "backends": backends,
+    }
+    return info
+
+
+def format_backend_info(info=None):
+    """backend_info() as a human-readable table (what ``python -m lct_kernels`` prints)."""
+    info = info or backend_info()
+    lines = ["lct_kernels environment", ""]
+    for k, v in info["versions"].items():
+        lines.append(f"  {k:<12} {v}")
+    lines.append(f"  {'devices':<12} {', '.join(info['devices'])}"
+                 + (f" ({info['cuda_device']})" if info["cuda_device"] else ""))
+    lines += ["", "Compiled extensions"]
+    for name, ext in info["extensions"].items():
+        extra = ""
+        if ext.get("loaded"):
+            extra = f" [torch {ext.get('built_with_torch')}, {ext.get('compiler')}"
+            extra += f", archs {ext['cuda_archs']}]" if ext.get("cuda_archs") else "]"
+        lines.append(f"  {name:<8} {'yes' if ext['loaded'] else 'no ':<4} {ext['reason']}{extra}")
+    build = info.get("build") or {}
+    if build:
+        lines.append(f"  build record: variants {build.get('variants')}, cuda: {build.get('cuda')}"
+                     + (f", archs {build['cuda_archs']}" if build.get("cuda_archs") else ""))
+    lines += ["", "Backends (op / device / backend: usable, reason)"]
+    for op, per_dev in info["backends"].items():
+        for dev, per_be in per_dev.items():
+            for be, st in per_be.items():
+                mark = "yes" if st["usable"] else "no "
+                lines.append(f"  {op:<22} {dev:<5} {be:<7} {mark}  {st['reason']}")
+    lines.append("")
+    lines.append(f"  LCT_BACKEND={info['LCT_BACKEND']}  TRITON_INTERPRET={info['TRITON_INTERPRET']}")
+    return "\n".join(lines)

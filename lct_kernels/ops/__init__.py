@@ -1,0 +1,1 @@
+"""Per-op modules: torch reference, torch.library registration, dispatch."""

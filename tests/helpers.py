@@ -1,0 +1,45 @@
+"""Shared test helpers: the backends to test here, and the tolerance rule."""
+
+import importlib.util
+import os
+
+import torch
+
+from lct_kernels import _backend
+
+CPU_BACKENDS = [b for b in ("torch", "cpu", "triton") if _backend.status("robust_loss", b, "cpu")[0]]
+HAS_TRITON_CPU = "triton" in CPU_BACKENDS
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def backends_for(device_type):
+    names = ("torch", "cpu") if device_type == "cpu" else ("torch", "cuda")
+    names += ("triton",)
+    return [b for b in names if _backend.status("robust_loss", b, device_type)[0]]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_rule(out, ref64, torch_out, atol, what=""):
+    """flash-attn's rule: the kernel's max error against a float64 reference is at most
+    twice PyTorch's own error (same dtype) plus atol, atol scaled by the reference magnitude."""
+    scale = max(1.0, ref64.abs().max().item())
+    err = max_err(out, ref64)
+    bound = 2 * max_err(torch_out, ref64) + atol * scale
+    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (torch error {max_err(torch_out, ref64):.3e})"
+
+
+def heavy_tailed(shape, dtype=torch.float32, outlier=1e4, frac=0.01):
+    """Gaussian values with a fraction of impulsive outliers of the given magnitude."""
+    x = torch.randn(shape, dtype=torch.float64)
+    mask = torch.rand(shape, dtype=torch.float64) < frac
+    x = torch.where(mask, outlier * torch.sign(torch.randn(shape, dtype=torch.float64)), x)
+    return x.to(dtype)
+
+
+def triton_available():
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    )
