@@ -8,15 +8,15 @@
 
 TORCH_LIBRARY(lct, m) {
   // pred, target: (B, N) float32/float16/bfloat16, same dtype, unit column stride.
-  // c: 0-d float64 on the device of pred (read on the device: no recompile, no sync).  kind: lct::LossKind.
-  // Returns (loss (B,) float32 = rho per sample,
-  //          grad (B, N) in pred's dtype = d loss_i / d pred, or (0,) when !compute_grad).
+  // c: 0-d float64 on pred's device (read on the device: no recompile, no sync).
+  // weight: optional (B,) float32.  kind: lct::LossKind.  reduction: 0 none, 1 mean, 2 sum.
+  // Returns (out = reduction of weight_i * rho_i: (B,) or () float32,
+  //          rho (B,) float32 (unweighted, per sample),
+  //          grad (B, N) = d out / d pred in pred's dtype -- for reduction "none" the
+  //          gradient of sum_i out_i -- or (0,) when !compute_grad).
   m.def(
-      "robust_loss(Tensor pred, Tensor target, Tensor c, int kind, bool elementwise, "
-      "bool compute_grad) -> (Tensor, Tensor)");
-  // x: (B, N), scale: (B,) float32.  Returns x * scale[:, None] in x's dtype,
-  // computed in float32 (the backward of the fused losses).
-  m.def("scale_rows(Tensor x, Tensor scale) -> Tensor");
+      "robust_loss(Tensor pred, Tensor target, Tensor c, Tensor? weight, int kind, "
+      "bool elementwise, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   // student, teacher, x0: (B, N) same dtype.  weight, diff_weight, diff_mask: (B,) float32.
   // Returns (total () float32, cm_loss (B,) float32, diff_loss () float32,
   //          grad (B, N) = d total / d student in student's dtype, or (0,)).

@@ -31,7 +31,7 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 # op family -> the registered operators its compiled backends need.
 OP_FAMILIES = {
-    "robust_loss": ("lct::robust_loss", "lct::scale_rows"),
+    "robust_loss": ("lct::robust_loss",),
     "consistency_objective": ("lct::consistency_objective",),
 }
 

@@ -83,7 +83,8 @@ def test_torch_reference_gradcheck(name, elementwise):
 # ---------------------------------------------------------------------------
 # Every backend against the float64 oracle
 # ---------------------------------------------------------------------------
-SHAPES = [(1, 1), (4, 1), (1, 7), (5, 3, 5, 7), (2, 4, 8, 8), (3, 1000), (2, 20000)]
+# (1, 70000): fewer rows than threads, so the CPU kernel splits the row across threads.
+SHAPES = [(1, 1), (4, 1), (1, 7), (5, 3, 5, 7), (2, 4, 8, 8), (3, 1000), (2, 20000), (1, 70000)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -228,8 +229,8 @@ def test_no_gradient_work_without_grad(backend):
 
     pred, target = torch.randn(3, 40), torch.randn(3, 40)
     c = torch.tensor(0.1, dtype=torch.float64)
-    loss, grad = fused_op(backend)(pred, target, c, 0, False, False)
-    assert grad.numel() == 0 and loss.shape == (3,)
+    loss, rho, grad = fused_op(backend)(pred, target, c, None, 0, False, 0, False)
+    assert grad.numel() == 0 and loss.shape == (3,) and rho.shape == (3,)
     with torch.no_grad():
         out = L.cauchy_loss(pred.requires_grad_(), target, 0.1, backend=backend)
     assert not out.requires_grad
@@ -328,3 +329,41 @@ def test_error_messages_name_the_function():
     with pytest.raises(ValueError, match=r"^geman_mcclure_loss: c must"):
         L.geman_mcclure_loss(torch.randn(2, 3), torch.randn(2, 3), 0)
 
+
+
+# ---------------------------------------------------------------------------
+# The fused-gradient hand-off (ops/_fused_grad.py)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_gradients_accumulate_across_backward_calls(backend):
+    pred = torch.randn(4, 30, requires_grad=True)
+    target = torch.randn(4, 30)
+    L.cauchy_loss(pred, target, 0.2, backend=backend).backward()
+    once = pred.grad.clone()
+    (2.0 * L.cauchy_loss(pred, target, 0.2, backend=backend)).backward()
+    torch.testing.assert_close(pred.grad, 3 * once)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_second_backward_through_the_same_graph_raises_clearly(backend):
+    pred = torch.randn(4, 30, requires_grad=True)
+    loss = L.cauchy_loss(pred, torch.randn(4, 30), 0.2, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice through the same graph"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_loss_inside_a_larger_graph(backend):
+    """The hand-off must be correct when the loss is not the last node (grad_output != 1)."""
+    x = torch.randn(6, 20, requires_grad=True)
+    lin = torch.nn.Linear(20, 20).double()
+    target = torch.randn(6, 20)
+    pred = torch.tanh(x @ lin.weight.float().T)
+    total = 3.0 * L.cauchy_loss(pred, target, 0.3, backend=backend) + pred.square().mean()
+    total.backward()
+    x64 = x.detach().double().requires_grad_()
+    p64 = torch.tanh(x64 @ lin.weight.T)
+    ref = 3.0 * loss64("cauchy", p64, target, 0.3) + p64.square().mean()
+    ref.backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)

@@ -1,15 +1,16 @@
-// CUDA kernels of the fused robust losses (lct::robust_loss) and of their
-// backward scaling (lct::scale_rows).
+// CUDA kernels of the fused robust losses (lct::robust_loss).
 //
 // Design: one block per sample row.  The block reads pred and target with
 // 16-byte packs, keeps d = pred - target in registers (up to kItems packs per
 // thread, i.e. rows of 16K fp32 / 32K bf16 elements at 1024 threads), reduces
 // sum(d^2) across the block, then writes rho'(m) * 2 d / N straight from
 // registers.  Longer rows loop and read pred/target a second time.  The
-// elementwise variants need no reduction before the write: one pass.
+// elementwise variants need no reduction before the write: one pass.  The
+// per-row factor weight_i (/ B for "mean") is folded into the gradient, so the
+// backward only multiplies by the scalar incoming gradient.
 // Arithmetic is float32; the per-row rho(m) and rho'(m) are evaluated in float64.
-// Bytes moved for B x N elements of size s: read 2 s B N, write s B N + 4 B
-// (forward with gradient); scale_rows reads and writes s B N.
+// Bytes moved for B x N elements of size s: read 2 s B N, write s B N + 8 B
+// (forward with gradient); a second tiny kernel reduces the B losses.
 // Limitation: one block per row, so a handful of very long rows leaves most SMs
 // idle (e.g. B = 8); batches of >= ~2 x #SMs rows fill the GPU.
 #include <ATen/core/Tensor.h>
@@ -29,7 +30,8 @@ namespace {
 template <typename T, int VEC, bool ELEMENTWISE>
 __global__ void __launch_bounds__(kMaxThreads)
     robust_loss_kernel(const T* __restrict__ pred, const T* __restrict__ target,
-                       const double* __restrict__ c_ptr, float* __restrict__ loss,
+                       const double* __restrict__ c_ptr, const float* __restrict__ weight,
+                       float inv_b, float* __restrict__ rho_out, float* __restrict__ out_rows,
                        T* __restrict__ grad, int64_t n, int64_t stride_pred,
                        int64_t stride_target, int64_t kind) {
   __shared__ float scratch[32];
@@ -39,9 +41,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   T* g = grad == nullptr ? nullptr : grad + row * n;
   const double cd = *c_ptr, c2d = cd * cd;
   const float c = static_cast<float>(cd), c2 = static_cast<float>(c2d);
-  const float two_over_n = static_cast<float>(2.0 / static_cast<double>(n));
+  const float w = weight == nullptr ? 1.f : weight[row];
+  const float factor = w * inv_b;  // folded into the gradient
+  const float two_over_n = factor * static_cast<float>(2.0 / static_cast<double>(n));
   const int64_t n_packs = n / VEC;
   float acc = 0.f;
+  auto write_loss = [&](float rho) {
+    if (threadIdx.x != 0) return;
+    rho_out[row] = rho;
+    if (out_rows != nullptr) out_rows[row] = w * rho;
+  };
 
   if (n_packs <= int64_t(kItems) * blockDim.x) {
     float d[kItems][VEC];
@@ -67,11 +76,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float total = block_sum(acc, scratch);
     float coef = 0.f;
     if (ELEMENTWISE) {
-      if (threadIdx.x == 0) loss[row] = total / static_cast<float>(n);
+      write_loss(total / static_cast<float>(n));
     } else {
       const double m = static_cast<double>(total) / static_cast<double>(n);
-      if (threadIdx.x == 0) loss[row] = static_cast<float>(robust_rho<double>(kind, m, cd, c2d));
-      coef = static_cast<float>(robust_drho<double>(kind, m, c2d) * 2.0 / static_cast<double>(n));
+      write_loss(static_cast<float>(robust_rho<double>(kind, m, cd, c2d)));
+      coef = static_cast<float>(double(factor) * robust_drho<double>(kind, m, c2d) * 2.0 /
+                                static_cast<double>(n));
     }
     if (g == nullptr) return;
 #pragma unroll
@@ -107,14 +117,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   const float total = block_sum(acc, scratch);
   if (ELEMENTWISE) {
-    if (threadIdx.x == 0) loss[row] = total / static_cast<float>(n);
+    write_loss(total / static_cast<float>(n));
     return;
   }
   const double m = static_cast<double>(total) / static_cast<double>(n);
-  if (threadIdx.x == 0) loss[row] = static_cast<float>(robust_rho<double>(kind, m, cd, c2d));
+  write_loss(static_cast<float>(robust_rho<double>(kind, m, cd, c2d)));
   if (g == nullptr) return;
-  const float coef =
-      static_cast<float>(robust_drho<double>(kind, m, c2d) * 2.0 / static_cast<double>(n));
+  const float coef = static_cast<float>(double(factor) * robust_drho<double>(kind, m, c2d) * 2.0 /
+                                        static_cast<double>(n));
   for (int64_t pk = threadIdx.x; pk < n_packs; pk += blockDim.x) {
     float a[VEC], b[VEC], out[VEC];
     load_pack<T, VEC>(p, pk, a);
@@ -125,20 +135,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-template <typename T, int VEC>
-__global__ void scale_rows_kernel(const T* __restrict__ x, const float* __restrict__ scale,
-                                  T* __restrict__ out, int64_t n, int64_t stride_x,
-                                  int64_t tiles) {
-  // 1-D grid of rows x tiles: block b covers tile (b % tiles) of row (b / tiles).
-  const int64_t row = blockIdx.x / tiles;
-  const int64_t pk = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
-  if (pk >= n / VEC) return;
-  const float k = scale[row];
-  float v[VEC];
-  load_pack<T, VEC>(x + row * stride_x, pk, v);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) v[i] *= k;
-  store_pack<T, VEC>(out + row * n, pk, v);
+// out = inv_b * sum_i w_i rho_i over the B rows (one block, fixed order: deterministic).
+__global__ void reduce_loss_kernel(const float* __restrict__ rho, const float* __restrict__ weight,
+                                   int64_t B, float inv_b, float* __restrict__ out) {
+  __shared__ float scratch[32];
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) acc += (weight ? weight[i] : 1.f) * rho[i];
+  const float total = block_sum(acc, scratch);
+  if (threadIdx.x == 0) *out = total * inv_b;
 }
 
 void check_rows(const at::Tensor& x, const char* name) {
@@ -147,20 +151,29 @@ void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "lct: ", name, " must have unit column stride");
 }
 
+struct LossArgs {
+  const double* c;
+  const float* weight;  // nullable
+  float inv_b;
+  float* rho;
+  float* out_rows;  // nullable: only for reduction "none"
+  int64_t kind;
+};
+
 template <typename T, int VEC, bool EW>
-void launch_robust_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& c,
-                        at::Tensor& loss, T* grad, int64_t kind, cudaStream_t stream) {
+void launch_robust_loss(const at::Tensor& pred, const at::Tensor& target, const LossArgs& a,
+                        T* grad, cudaStream_t stream) {
   const int64_t B = pred.size(0), N = pred.size(1);
   const int threads = threads_for(N / VEC);
   robust_loss_kernel<T, VEC, EW><<<static_cast<unsigned>(B), threads, 0, stream>>>(
-      pred.const_data_ptr<T>(), target.const_data_ptr<T>(), c.const_data_ptr<double>(),
-      loss.mutable_data_ptr<float>(), grad, N, pred.stride(0), target.stride(0), kind);
+      pred.const_data_ptr<T>(), target.const_data_ptr<T>(), a.c, a.weight, a.inv_b, a.rho,
+      a.out_rows, grad, N, pred.stride(0), target.stride(0), a.kind);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void robust_loss_typed(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& c,
-                       at::Tensor& loss, at::Tensor* grad_t, int64_t kind, bool elementwise) {
+void robust_loss_typed(const at::Tensor& pred, const at::Tensor& target, const LossArgs& a,
+                       at::Tensor* grad_t, bool elementwise) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t N = pred.size(1);
   T* grad = grad_t ? grad_t->mutable_data_ptr<T>() : nullptr;
@@ -168,18 +181,18 @@ void robust_loss_typed(const at::Tensor& pred, const at::Tensor& target, const a
                                     {pred.stride(0), target.stride(0)});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pred.device().index());
   if (vec) {
-    if (elementwise) launch_robust_loss<T, kVec, true>(pred, target, c, loss, grad, kind, stream);
-    else launch_robust_loss<T, kVec, false>(pred, target, c, loss, grad, kind, stream);
+    if (elementwise) launch_robust_loss<T, kVec, true>(pred, target, a, grad, stream);
+    else launch_robust_loss<T, kVec, false>(pred, target, a, grad, stream);
   } else {
-    if (elementwise) launch_robust_loss<T, 1, true>(pred, target, c, loss, grad, kind, stream);
-    else launch_robust_loss<T, 1, false>(pred, target, c, loss, grad, kind, stream);
+    if (elementwise) launch_robust_loss<T, 1, true>(pred, target, a, grad, stream);
+    else launch_robust_loss<T, 1, false>(pred, target, a, grad, stream);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> robust_loss_cuda(const at::Tensor& pred,
-                                                    const at::Tensor& target,
-                                                    const at::Tensor& c, int64_t kind,
-                                                    bool elementwise, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> robust_loss_cuda(
+    const at::Tensor& pred, const at::Tensor& target, const at::Tensor& c,
+    const std::optional<at::Tensor>& weight, int64_t kind, bool elementwise, int64_t reduction,
+    bool compute_grad) {
   check_rows(pred, "pred");
   check_rows(target, "target");
   TORCH_CHECK(pred.sizes() == target.sizes(), "lct: pred and target shapes differ");
@@ -188,56 +201,38 @@ std::tuple<at::Tensor, at::Tensor> robust_loss_cuda(const at::Tensor& pred,
               "lct: pred, target and c must be on one device");
   TORCH_CHECK(c.numel() == 1 && c.scalar_type() == at::kDouble, "lct: c must be a float64 scalar");
   TORCH_CHECK(kind >= 0 && kind <= 2, "lct: unknown loss kind ", kind);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "lct: unknown reduction ", reduction);
   c10::cuda::CUDAGuard guard(pred.device());
   const int64_t B = pred.size(0), N = pred.size(1);
-  at::Tensor loss = at::empty({B}, pred.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty({B, N}, pred.options()) : at::empty({0}, pred.options());
-  if (B == 0) return {loss, grad};
-  TORCH_CHECK(N > 0, "lct: each sample needs at least one element");
+  TORCH_CHECK(B > 0 && N > 0, "lct: robust_loss needs B >= 1 and N >= 1");
   TORCH_CHECK(B <= 0x7fffffff, "lct: at most 2^31 - 1 samples");
+  const float* w = nullptr;
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == B && weight->scalar_type() == at::kFloat &&
+                    weight->is_contiguous() && weight->device() == pred.device(),
+                "lct: weight must be a contiguous float32 (B,) tensor on pred's device");
+    w = weight->const_data_ptr<float>();
+  }
+  const auto f32 = pred.options().dtype(at::kFloat);
+  at::Tensor out = reduction == 0 ? at::empty({B}, f32) : at::empty({}, f32);
+  at::Tensor rho = at::empty({B}, f32);
+  at::Tensor grad = compute_grad ? at::empty({B, N}, pred.options()) : at::empty({0}, pred.options());
+  const float inv_b = reduction == 1 ? static_cast<float>(1.0 / double(B)) : 1.f;
+  const LossArgs args{c.const_data_ptr<double>(), w, inv_b, rho.mutable_data_ptr<float>(),
+                      reduction == 0 ? out.mutable_data_ptr<float>() : nullptr, kind};
   LCT_DISPATCH_KERNEL_TYPES(pred.scalar_type(), "robust_loss_cuda", [&] {
-    robust_loss_typed<scalar_t>(pred, target, c, loss, compute_grad ? &grad : nullptr, kind,
-                                elementwise);
+    robust_loss_typed<scalar_t>(pred, target, args, compute_grad ? &grad : nullptr, elementwise);
   });
-  return {loss, grad};
-}
-
-template <typename T, int VEC>
-void launch_scale_rows(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out) {
-  const int64_t B = x.size(0), N = x.size(1);
-  const int threads = 256;
-  const int64_t tiles = (N / VEC + threads - 1) / threads;
-  TORCH_CHECK(B * tiles <= 0x7fffffff, "lct: scale_rows input too large for one launch");
-  scale_rows_kernel<T, VEC><<<static_cast<unsigned>(B * tiles), threads, 0,
-                              c10::cuda::getCurrentCUDAStream(x.device().index())>>>(
-      x.const_data_ptr<T>(), scale.const_data_ptr<float>(), out.mutable_data_ptr<T>(), N,
-      x.stride(0), tiles);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor scale_rows_cuda(const at::Tensor& x, const at::Tensor& scale) {
-  check_rows(x, "x");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == x.size(0) && scale.scalar_type() == at::kFloat &&
-                  scale.is_contiguous() && scale.device() == x.device(),
-              "lct: scale must be a contiguous float32 (B,) tensor on x's device");
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
-  if (out.numel() == 0) return out;
-  LCT_DISPATCH_KERNEL_TYPES(x.scalar_type(), "scale_rows_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    if (can_vectorize<scalar_t>(x.size(1), {x.const_data_ptr(), out.const_data_ptr()}, {x.stride(0)}))
-      launch_scale_rows<scalar_t, kVec>(x, scale, out);
-    else
-      launch_scale_rows<scalar_t, 1>(x, scale, out);
-  });
-  return out;
+  if (reduction != 0) {
+    reduce_loss_kernel<<<1, 1024, 0, c10::cuda::getCurrentCUDAStream(pred.device().index())>>>(
+        rho.const_data_ptr<float>(), w, B, inv_b, out.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, rho, grad};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lct, CUDA, m) {
-  m.impl("robust_loss", &robust_loss_cuda);
-  m.impl("scale_rows", &scale_rows_cuda);
-}
+TORCH_LIBRARY_IMPL(lct, CUDA, m) { m.impl("robust_loss", &robust_loss_cuda); }
 
 }  // namespace lct::cuda

@@ -8,7 +8,7 @@ For a batch of B samples (flattened to N elements each):
     total = mean_i(cm_i) + diff_coef * diff
 
 One kernel pass reads student, teacher and x0 once and writes d total / d student;
-the backward scales that buffer by the incoming scalar gradient.  The gradient
+the backward scales that buffer by the incoming scalar gradient (``_fused_grad``).  The gradient
 goes to ``student`` only: teacher (the stop-gradient target) and x0 (data) are
 constants.  ``cm_loss_per_sample`` and ``diff_loss`` are returned for logging and
 carry no gradient; backpropagate through ``total``.  For a differentiable
@@ -18,6 +18,7 @@ per-sample robust loss use ``cauchy_loss(..., reduction="none")``.
 import torch
 
 from .. import _validate as V
+from . import _fused_grad
 from .robust_loss import loss_kind, pick_backend, rho_reference
 
 
@@ -53,24 +54,14 @@ def _fake(student, teacher, x0, weight, diff_weight, diff_mask, c, kind, diff_co
 
 def _setup(ctx, inputs, output):
     _, cm, diff, grad = output
-    ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(cm, diff, grad)
+    _fused_grad.save_grad_buffer(ctx, grad)
 
 
-def _make_backward(scale_rows):
-    def backward(ctx, grad_total, _g_cm, _g_diff, _g_grad):
-        (grad,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 10
-        if grad.numel() == 0:
-            raise RuntimeError(
-                "consistency_objective: backward called but the forward ran with "
-                "compute_grad=False (student did not require grad at call time)"
-            )
-        scale = grad_total.to(torch.float32).reshape(1).expand(grad.shape[0]).contiguous()
-        return (scale_rows(grad, scale),) + (None,) * 9
-
-    return backward
+def _backward(ctx, grad_total, _g_cm, _g_diff, _g_grad):
+    if grad_total is None or not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    return (_fused_grad.scaled_grad(ctx, grad_total, "consistency_objective"),) + (None,) * 9
 
 
 @torch.library.custom_op("lct::triton_consistency_objective", mutates_args=())
@@ -88,17 +79,11 @@ def triton_consistency_objective(
 
 
 triton_consistency_objective.register_fake(_fake)
-triton_consistency_objective.register_autograd(
-    _make_backward(torch.ops.lct.triton_scale_rows.default), setup_context=_setup
-)
+triton_consistency_objective.register_autograd(_backward, setup_context=_setup)
 
 if hasattr(torch.ops.lct, "consistency_objective"):
     torch.library.register_fake("lct::consistency_objective")(_fake)
-    torch.library.register_autograd(
-        "lct::consistency_objective",
-        _make_backward(torch.ops.lct.scale_rows.default),
-        setup_context=_setup,
-    )
+    torch.library.register_autograd("lct::consistency_objective", _backward, setup_context=_setup)
 
 
 def consistency_objective(

@@ -13,16 +13,21 @@ This file holds the float64-capable torch reference (the "torch" backend and
 the test oracle), the torch.library registrations (fake kernels and autograd)
 of the compiled and Triton ops, and the public functions.
 
-Backends compute rho(m_i) and the unscaled gradient d rho(m_i) / d pred in ONE
-fused forward pass; the backward only scales that buffer row by row with the
-incoming per-sample gradient (``scale_rows``), so ``reduction="none"`` with any
-grad_output is exact.  Weights and the reduction are tiny (B,) torch ops on top.
+The kernels compute the per-sample losses, their weighted reduction, and the
+gradient of that reduction with respect to pred in ONE fused forward pass
+(weights and 1/B folded in).  The backward multiplies that buffer by the
+incoming gradient, per row for ``reduction="none"`` (so any grad_output is
+exact), and on CPU skips even that when the gradient is exactly 1 (see
+``_fused_grad``).  ``weight`` receives g * rho_i (/ B for "mean").
 """
+
+from typing import Optional
 
 import torch
 
 from .. import _backend
 from .. import _validate as V
+from . import _fused_grad
 
 LOSS_KINDS = {"cauchy": 0, "pseudo_huber": 1, "geman_mcclure": 2}
 LOSS_ALIASES = {"huber": "pseudo_huber", "gm": "geman_mcclure"}  # the paper code's names
@@ -73,73 +78,64 @@ def robust_loss_reference(pred, target, c, kind, elementwise=False):
 # ----------------------------------------------------------------------------
 # Registration: fake kernels and autograd
 # ----------------------------------------------------------------------------
-def _fake_robust_loss(pred, target, c, kind, elementwise, compute_grad):
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+OP_NAME = "lct robust loss"
+
+
+def _fake_robust_loss(pred, target, c, weight, kind, elementwise, reduction, compute_grad):
     B, N = pred.shape
-    loss = pred.new_empty((B,), dtype=torch.float32)
+    out = pred.new_empty((B,) if reduction == 0 else (), dtype=torch.float32)
+    rho = pred.new_empty((B,), dtype=torch.float32)
     grad = pred.new_empty((B, N) if compute_grad else (0,))
-    return loss, grad
-
-
-def _fake_scale_rows(x, scale):
-    return x.new_empty(x.shape)
+    return out, rho, grad
 
 
 def _setup_robust_loss(ctx, inputs, output):
-    _, grad = output
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(grad)
+    _, _, _, weight, _, _, reduction, _ = inputs
+    _, rho, grad = output
+    ctx.mark_non_differentiable(rho, grad)
+    ctx.reduction = reduction
+    ctx.batch = rho.shape[0]
+    weight_saved = weight if weight is not None else rho.new_empty(0)
+    _fused_grad.save_grad_buffer(ctx, grad, rho, weight_saved)
 
 
-def _make_robust_loss_backward(scale_rows):
-    def backward(ctx, grad_loss, _grad_of_grad):
-        (grad,) = ctx.saved_tensors
-        if grad.numel() == 0 and grad_loss.numel() != 0:
-            raise RuntimeError(
-                "lct robust loss: backward called but the forward ran with compute_grad=False "
-                "(no input required grad at call time)"
-            )
-        need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_pred or need_target):
-            return None, None, None, None, None, None
-        g = scale_rows(grad, grad_loss.to(torch.float32).contiguous())
-        return (g if need_pred else None), (g.neg() if need_target else None), None, None, None, None
-
-    return backward
+def _robust_loss_backward(ctx, g_out, _g_rho, _g_grad):
+    need_pred, need_target, _, need_weight = ctx.needs_input_grad[:4]
+    if g_out is None:
+        return (None,) * 8
+    grad_pred = grad_target = grad_weight = None
+    rho, _ = _fused_grad.saved_others(ctx)
+    if need_weight:
+        per_row = g_out if ctx.reduction == 0 else g_out.expand(ctx.batch)
+        grad_weight = per_row * rho / (ctx.batch if ctx.reduction == 1 else 1)
+    if need_pred or need_target:
+        g = _fused_grad.scaled_grad(ctx, g_out, OP_NAME)
+        grad_pred = g if need_pred else None
+        grad_target = g.neg() if need_target else None
+    return grad_pred, grad_target, None, grad_weight, None, None, None, None
 
 
 @torch.library.custom_op("lct::triton_robust_loss", mutates_args=())
 def triton_robust_loss(
-    pred: torch.Tensor, target: torch.Tensor, c: torch.Tensor, kind: int, elementwise: bool,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    pred: torch.Tensor, target: torch.Tensor, c: torch.Tensor, weight: Optional[torch.Tensor],
+    kind: int, elementwise: bool, reduction: int, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backend of lct::robust_loss (same schema and semantics)."""
     from ..triton import robust_loss as kernels
 
-    return kernels.robust_loss_forward(pred, target, c, kind, elementwise, compute_grad)
-
-
-@torch.library.custom_op("lct::triton_scale_rows", mutates_args=())
-def triton_scale_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Triton backend of lct::scale_rows."""
-    from ..triton import robust_loss as kernels
-
-    return kernels.scale_rows(x, scale)
+    return kernels.robust_loss_forward(
+        pred, target, c, weight, kind, elementwise, reduction, compute_grad
+    )
 
 
 triton_robust_loss.register_fake(_fake_robust_loss)
-triton_scale_rows.register_fake(_fake_scale_rows)
-triton_robust_loss.register_autograd(
-    _make_robust_loss_backward(triton_scale_rows), setup_context=_setup_robust_loss
-)
+triton_robust_loss.register_autograd(_robust_loss_backward, setup_context=_setup_robust_loss)
 
-COMPILED_OPS_REGISTERED = hasattr(torch.ops.lct, "robust_loss")
-if COMPILED_OPS_REGISTERED:
+if hasattr(torch.ops.lct, "robust_loss"):
     torch.library.register_fake("lct::robust_loss")(_fake_robust_loss)
-    torch.library.register_fake("lct::scale_rows")(_fake_scale_rows)
     torch.library.register_autograd(
-        "lct::robust_loss",
-        _make_robust_loss_backward(torch.ops.lct.scale_rows.default),
-        setup_context=_setup_robust_loss,
+        "lct::robust_loss", _robust_loss_backward, setup_context=_setup_robust_loss
     )
 
 
@@ -148,12 +144,6 @@ def fused_op(backend):
     if backend == "triton":
         return torch.ops.lct.triton_robust_loss.default
     return torch.ops.lct.robust_loss.default
-
-
-def scale_rows_op(backend):
-    if backend == "triton":
-        return torch.ops.lct.triton_scale_rows.default
-    return torch.ops.lct.scale_rows.default
 
 
 # ----------------------------------------------------------------------------
@@ -185,18 +175,19 @@ def _robust_loss(fn, kind, pred, target, c, weight, reduction, elementwise, back
 
     if chosen == "torch":
         per_sample = robust_loss_reference(pred, target, c_t, kind, elementwise)
-    else:
-        compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-        per_sample, _ = fused_op(chosen)(
-            V.rows(pred), V.rows(target), c_t, kind, elementwise, compute_grad
-        )
+        if weight is not None:
+            per_sample = per_sample * weight.to(per_sample.dtype)
+        if reduction == "mean":
+            return per_sample.mean()
+        return per_sample.sum() if reduction == "sum" else per_sample
+    compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     if weight is not None:
-        per_sample = per_sample * weight.to(per_sample.dtype)
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
+        weight = weight.to(torch.float32).contiguous()
+    out, _, _ = fused_op(chosen)(
+        V.rows(pred), V.rows(target), c_t, weight, kind, elementwise,
+        REDUCTION_CODES[reduction], compute_grad,
+    )
+    return out
 
 
 _SIGNATURE_DOC = """

@@ -19,9 +19,12 @@ latent batch (B, 4, 32, 32) is B rows of N = 4096.
   elements in total are fine.
 * ``c`` is read from a device scalar, so changing it never recompiles.
 
+The per-row factor (weight_i, and 1/B for "mean") is folded into the gradient,
+so the backward only multiplies it by the incoming scalar gradient
+(lct_kernels/ops/_fused_grad.py), or skips that when the gradient is exactly 1.
+
 Bytes moved, B x N elements of size s (one-block rows):
-    robust loss forward (with gradient):  read 2 s B N, write s B N (+ 4 B)
-    scale_rows (the backward):            read s B N,  write s B N
+    robust loss forward (with gradient):  read 2 s B N, write s B N (+ 8 B)
     consistency objective forward:        read 3 s B N, write s B N
 
 The float64 references live in ``lct_kernels/ops/robust_loss.py``.
@@ -71,11 +74,14 @@ def _robust_loss_kernel(
     pred_ptr,  # (B, N), column stride 1, row stride stride_pred
     target_ptr,  # (B, N), column stride 1, row stride stride_target
     c_ptr,  # () float64
-    loss_ptr,  # (B,) out: rho per sample
-    grad_ptr,  # (B, N) contiguous out: d loss_i / d pred (unused unless COMPUTE_GRAD)
+    weight_ptr,  # (B,) float32 (unused unless HAS_WEIGHT)
+    loss_ptr,  # (B,) out: rho per sample (unweighted)
+    grad_ptr,  # (B, N) contiguous out: weight_i * inv_b * d rho_i / d pred (if COMPUTE_GRAD)
     N,
     stride_pred,
     stride_target,
+    inv_b,  # 1/B for reduction "mean", else 1
+    HAS_WEIGHT: tl.constexpr,
     KIND: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -90,7 +96,10 @@ def _robust_loss_kernel(
     c = tl.load(c_ptr).to(acc_t)
     c2 = c * c
     cols = tl.arange(0, BLOCK)
-    two_over_n = 2.0 / N
+    factor = inv_b
+    if HAS_WEIGHT:
+        factor = factor * tl.load(weight_ptr + row).to(tl.float32)
+    two_over_n = factor * 2.0 / N  # the per-row factor is folded into the gradient
     if ONE_BLOCK:
         mask = cols < N
         d = tl.load(p_row + cols, mask=mask, other=0.0).to(acc_t) - tl.load(
@@ -138,24 +147,6 @@ def _robust_loss_kernel(
                         t_row + offs, mask=mask, other=0.0
                     ).to(acc_t)
                     tl.store(g_row + offs, (k * d).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scale_rows_kernel(
-    x_ptr,  # (B, N), column stride 1, row stride stride_x
-    scale_ptr,  # (B,) float32
-    out_ptr,  # (B, N) contiguous
-    N,
-    stride_x,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    k = tl.load(scale_ptr + row)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * N + offs, (k * x).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -240,36 +231,28 @@ def _row_config(n):
     return False, LOOP_BLOCK, 8
 
 
-def robust_loss_forward(pred, target, c, kind, elementwise, compute_grad):
-    """pred, target: (B, N) with unit column stride; c: () float64 on the same device.
+def robust_loss_forward(pred, target, c, weight, kind, elementwise, reduction, compute_grad):
+    """Triton implementation of lct::robust_loss (schema in csrc/ops.cpp).
 
-    Returns (loss (B,) float32, grad (B, N) in pred's dtype or (0,))."""
+    pred, target: (B, N) with unit column stride; c: () float64 on the same device;
+    weight: (B,) float32 or None; reduction: 0 none, 1 mean, 2 sum.
+    Returns (out, rho (B,) float32, grad (B, N) in pred's dtype or (0,))."""
     import torch
 
     B, N = pred.shape
-    loss = torch.empty(B, dtype=torch.float32, device=pred.device)
+    rho = torch.empty(B, dtype=torch.float32, device=pred.device)
     grad = torch.empty((B, N) if compute_grad else (0,), dtype=pred.dtype, device=pred.device)
     one_block, block, warps = _row_config(N)
+    inv_b = 1.0 / B if reduction == 1 else 1.0
     _robust_loss_kernel[(B,)](
-        pred, target, c, loss, grad if compute_grad else loss,
-        N, pred.stride(0), target.stride(0),
-        KIND=kind, ELEMENTWISE=bool(elementwise), COMPUTE_GRAD=bool(compute_grad),
-        ONE_BLOCK=one_block, BLOCK=block, num_warps=warps,
+        pred, target, c, weight if weight is not None else rho, rho, grad if compute_grad else rho,
+        N, pred.stride(0), target.stride(0), inv_b,
+        HAS_WEIGHT=weight is not None, KIND=kind, ELEMENTWISE=bool(elementwise),
+        COMPUTE_GRAD=bool(compute_grad), ONE_BLOCK=one_block, BLOCK=block, num_warps=warps,
     )
-    return loss, grad
-
-
-def scale_rows(x, scale):
-    """out[i, :] = x[i, :] * scale[i], computed in float32, stored in x's dtype."""
-    import torch
-
-    B, N = x.shape
-    out = torch.empty((B, N), dtype=x.dtype, device=x.device)
-    block = min(4096, max(16, triton.next_power_of_2(N)))
-    _scale_rows_kernel[(B, triton.cdiv(N, block))](
-        x, scale, out, N, x.stride(0), BLOCK=block, num_warps=max(1, min(8, block // 512))
-    )
-    return out
+    weighted = rho if weight is None else rho * weight
+    out = weighted.clone() if reduction == 0 else weighted.sum() * inv_b
+    return out, rho, grad
 
 
 def consistency_objective_forward(

@@ -1,0 +1,66 @@
+"""Backward of ops whose forward already computed the gradient ("fused" ops).
+
+The forward kernels write d out / d input into a fresh buffer, with every
+per-sample factor folded in.  The backward then only multiplies that buffer by
+the incoming gradient g:
+
+* In eager mode the buffer is owned by the autograd node alone, so it is scaled
+  in place and handed out as the input's gradient: no new (B, N) allocation,
+  and, on CPU, no pass at all when g is exactly 1 (the usual ``loss.backward()``;
+  reading a CPU scalar costs no synchronisation).  The node then drops its
+  reference, so a second backward through the same graph (``retain_graph=True``)
+  raises a clear error instead of returning a gradient that ``.grad`` may have
+  modified meanwhile.
+* Under tracing (torch.compile, opcheck's AOT tests) the buffer is saved with
+  ``save_for_backward`` and scaled out of place, which is what functional
+  graphs need; Inductor fuses the multiply.
+"""
+
+import torch
+
+
+def _eager(t):
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def save_grad_buffer(ctx, grad, *others):
+    """Keep the fused gradient buffer (and small tensors ``others``) for backward."""
+    ctx.grad_in_ctx = _eager(grad)
+    if ctx.grad_in_ctx:
+        ctx.grad_buffer = [grad]
+        ctx.save_for_backward(*others)
+    else:
+        ctx.save_for_backward(grad, *others)
+    # Unused output gradients arrive as None instead of materialised zeros: zeros
+    # for the (B, N) gradient output would cost a full extra pass.
+    ctx.set_materialize_grads(False)
+
+
+def saved_others(ctx):
+    saved = ctx.saved_tensors
+    return saved if ctx.grad_in_ctx else saved[1:]
+
+
+def scaled_grad(ctx, g, op_name):
+    """The saved buffer times g: g is () for a reduced output, or (B,) per row."""
+    if ctx.grad_in_ctx:
+        if not ctx.grad_buffer:
+            raise RuntimeError(
+                f"{op_name}: backward ran twice through the same graph (retain_graph=True). "
+                "The fused gradient buffer was handed to .grad the first time; recompute the "
+                "loss for a second backward."
+            )
+        grad = ctx.grad_buffer.pop()
+    else:
+        grad = ctx.saved_tensors[0]
+    if grad.numel() == 0:
+        raise RuntimeError(
+            f"{op_name}: backward called but the forward ran with compute_grad=False "
+            "(no input required grad at call time)"
+        )
+    factor = g.to(torch.float32).reshape(-1, 1) if g.dim() == 1 else g.to(torch.float32).reshape(1, 1)
+    if ctx.grad_in_ctx:
+        if g.dim() == 0 and g.device.type == "cpu" and float(g) == 1.0:
+            return grad
+        return grad.mul_(factor)  # float32 multiply, one rounding to grad's dtype
+    return (grad * factor).to(grad.dtype)

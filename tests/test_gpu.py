@@ -1,0 +1,166 @@
+"""GPU specification: the cuda and triton backends on CUDA tensors (skipped without CUDA).
+
+Run on a GPU machine with ``pytest -m gpu`` (benchmarks/gpu_check.sh does).
+"""
+
+import pytest
+import torch
+
+import lct_kernels as L
+from helpers import ATOL, assert_rule, backends_for, heavy_tailed
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+LOSS_FNS = {"cauchy": L.cauchy_loss, "pseudo_huber": L.pseudo_huber_loss,
+            "geman_mcclure": L.geman_mcclure_loss}
+
+
+def gpu_backends():
+    return [b for b in backends_for("cuda") if b != "torch"] if torch.cuda.is_available() else []
+
+
+def oracle(name, pred, target, c, elementwise=False):
+    d = (pred.double() - target.double()).reshape(pred.shape[0], -1)
+    sq = d * d
+    c2 = c * c
+
+    def rho(m):
+        if name == "cauchy":
+            return torch.log1p(m / (2 * c2))
+        if name == "pseudo_huber":
+            return torch.sqrt(m + c2) - c
+        return 2 * m / (m + 4 * c2)
+
+    return rho(sq).mean(1) if elementwise else rho(sq.mean(1))
+
+
+def test_both_gpu_backends_are_usable():
+    assert set(gpu_backends()) == {"cuda", "triton"}, L.format_backend_info()
+
+
+# (8, 64) launch-bound; 4096 and 16384 the latent sizes; 40000 the looped path; 4097 unaligned.
+SHAPES = [(8, 64), (256, 4096), (64, 4, 64, 64), (3, 40000), (5, 4097), (1, 1), (7, 3)]
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", LOSS_FNS)
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp32_against_float64(backend, name, elementwise, shape):
+    pred = heavy_tailed(shape, outlier=1e3, frac=0.001).to(DEV).requires_grad_()
+    target = torch.randn(shape, device=DEV)
+    grad_out = torch.rand(shape[0], device=DEV) + 0.5
+    out = LOSS_FNS[name](pred, target, 0.03456, reduction="none", elementwise=elementwise,
+                         backend=backend)
+    (out * grad_out).sum().backward()
+    p64 = pred.detach().double().requires_grad_()
+    ref = oracle(name, p64, target, 0.03456, elementwise)
+    (ref * grad_out.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred.grad.double(), p64.grad, rtol=1e-4,
+                               atol=1e-6 * p64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rule(backend, dtype):
+    shape = (64, 4, 32, 32)
+    pred = (0.5 * torch.randn(shape, device=DEV)).to(dtype).requires_grad_()
+    target = (pred.detach().float() + 0.1 * torch.randn(shape, device=DEV)).to(dtype)
+    out = L.cauchy_loss(pred, target, 0.05, reduction="none", backend=backend)
+    out.sum().backward()
+    p64 = pred.detach().double().requires_grad_()
+    ref = oracle("cauchy", p64, target, 0.05)
+    ref.sum().backward()
+    p_same = pred.detach().clone().requires_grad_()
+    eager = torch.log(((p_same - target) ** 2).reshape(64, -1).mean(1) / 2 + 0.05**2) - 2 * torch.log(
+        torch.tensor(0.05, device=DEV))
+    eager.sum().backward()
+    assert_rule(out, ref, eager, ATOL[dtype], "loss")
+    assert_rule(pred.grad, p64.grad, p_same.grad, ATOL[dtype] * p64.grad.abs().max().item(), "grad")
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_non_contiguous_on_gpu(backend):
+    base = torch.randn(16, 8, 130, device=DEV)
+    leaf = base.clone().requires_grad_()
+    pred = leaf[:, :, 1:129].transpose(1, 2)
+    target = torch.randn(16, 128, 8, device=DEV)
+    out = L.cauchy_loss(pred, target, 0.1, reduction="none", backend=backend)
+    out.sum().backward()
+    leaf64 = base.double().requires_grad_()
+    ref = oracle("cauchy", leaf64[:, :, 1:129].transpose(1, 2), target, 0.1)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), leaf64.grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("shape", [(128, 4096), (4, 30000), (9, 33)], ids=str)
+def test_objective_against_float64(backend, shape):
+    B = shape[0]
+    s = torch.randn(shape, device=DEV, requires_grad=True)
+    t = s.detach() + 0.1 * torch.randn(shape, device=DEV)
+    x0 = torch.randn(shape, device=DEV)
+    w, dw = torch.rand(B, device=DEV) * 10, torch.rand(B, device=DEV) * 100 + 4
+    mask = torch.rand(B, device=DEV) < 0.3
+    total, cm, diff = L.consistency_objective(s, t, x0, w, dw, mask, 0.03456, backend=backend)
+    total.backward()
+    s64 = s.detach().double().requires_grad_()
+    m = ((s64 - t.double()) ** 2).mean(1)
+    e = ((s64 - x0.double()) ** 2).mean(1)
+    cm_ref = w.double() * torch.log1p(m / (2 * 0.03456**2))
+    diff_ref = (dw.double()[mask] * e[mask]).mean() if mask.any() else torch.zeros((), device=DEV, dtype=torch.float64)
+    total_ref = cm_ref.mean() + 5.0 * diff_ref
+    total_ref.backward()
+    torch.testing.assert_close(total.double(), total_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cm.double(), cm_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diff.double(), diff_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4,
+                               atol=1e-6 * s64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_more_than_2_31_elements(backend):
+    """65 rows of 2^25 bf16 elements: 2^31 + 2^25 elements in total (int64 offsets)."""
+    B, N = 65, 2**25
+    pred = torch.randn(B, N, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    target = torch.zeros(B, N, device=DEV, dtype=torch.bfloat16)
+    out = L.cauchy_loss(pred, target, 0.5, reduction="none", backend=backend)
+    out.sum().backward()
+    for r in (0, B // 2, B - 1):  # check rows at the start, middle and beyond 2^31
+        ref = oracle("cauchy", pred[r : r + 1].detach(), target[r : r + 1], 0.5)
+        torch.testing.assert_close(out[r : r + 1].double(), ref, rtol=1e-4, atol=1e-6)
+        m = (pred[r].double() ** 2).mean()
+        g_ref = pred[r].double() * (2.0 / N) / (m + 2 * 0.25)
+        torch.testing.assert_close(pred.grad[r].double(), g_ref, rtol=1e-2, atol=1e-10)
+
+
+def test_compile_fullgraph_on_gpu():
+    torch._dynamo.reset()
+    f = torch.compile(lambda p, t, c: L.cauchy_loss(p, t, c), fullgraph=True)
+    pred = torch.randn(32, 4096, device=DEV, requires_grad=True)
+    target = torch.randn(32, 4096, device=DEV)
+    for c in (0.1, 0.05):
+        out = f(pred, target, torch.tensor(c, device=DEV))
+        ref = L.cauchy_loss(pred, target, c, backend="torch")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+def test_opcheck_cuda_ops():
+    c = torch.tensor(0.3, dtype=torch.float64, device=DEV)
+    pred = torch.randn(5, 40, device=DEV, requires_grad=True)
+    target = torch.randn(5, 40, device=DEV)
+    w = torch.rand(5, device=DEV, requires_grad=True)
+    for op in (torch.ops.lct.robust_loss.default, torch.ops.lct.triton_robust_loss.default):
+        for reduction in (0, 1, 2):
+            torch.library.opcheck(op, (pred, target, c, w, 0, False, reduction, True))
+    s = torch.randn(6, 32, device=DEV, requires_grad=True)
+    args = (s, torch.randn(6, 32, device=DEV), torch.randn(6, 32, device=DEV),
+            torch.rand(6, device=DEV), torch.rand(6, device=DEV),
+            torch.tensor([1.0, 0, 1, 0, 0, 1], device=DEV), c, 0, 5.0, True)
+    for op in (torch.ops.lct.consistency_objective.default,
+               torch.ops.lct.triton_consistency_objective.default):
+        torch.library.opcheck(op, args)
