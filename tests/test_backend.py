@@ -19,10 +19,10 @@ HAS_CPU_EXT = _ext.CPU_EXT.loaded
 
 def which_backend_ran(out):
     """The registered op behind a (B,) loss from reduction='none' and no weight."""
-    name = type(out.grad_fn).__name__
+    name = getattr(out.grad_fn, "lct_op", type(out.grad_fn).__name__)
     if "triton_robust_loss" in name:
         return "triton"
-    if "lct_robust_loss" in name:
+    if "robust_loss" in name:
         return "compiled"
     return "torch"
 

@@ -183,7 +183,8 @@ def _robust_loss(fn, kind, pred, target, c, weight, reduction, elementwise, back
     compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     if weight is not None:
         weight = weight.to(torch.float32).contiguous()
-    out, _, _ = fused_op(chosen)(
+    out, _, _ = _fused_grad.call(
+        fused_op(chosen), _setup_robust_loss, _robust_loss_backward,
         V.rows(pred), V.rows(target), c_t, weight, kind, elementwise,
         REDUCTION_CODES[reduction], compute_grad,
     )
