@@ -367,3 +367,22 @@ def test_loss_inside_a_larger_graph(backend):
     ref = 3.0 * loss64("cauchy", p64, target, 0.3) + p64.square().mean()
     ref.backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU extension not built")
+def test_recycled_cpu_gradient_buffers_never_alias_live_gradients():
+    """Gradients >= 1 MiB come from a recycling pool (csrc/cpu/buffer_pool.h)."""
+    pred = torch.randn(64, 4096, requires_grad=True)  # 1 MiB of float32 gradient
+    targets = [torch.randn(64, 4096) for _ in range(3)]
+    grads = [torch.autograd.grad(L.cauchy_loss(pred, t, 0.2, backend="cpu"), pred)[0]
+             for t in targets]
+    assert len({g.data_ptr() for g in grads}) == 3
+    expected = [torch.autograd.grad(L.cauchy_loss(pred, t, 0.2, backend="torch"), pred)[0]
+                for t in targets]
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-9)
+    ptr = grads[0].data_ptr()
+    del grads[0]
+    again = torch.autograd.grad(L.cauchy_loss(pred, targets[0], 0.2, backend="cpu"), pred)[0]
+    assert again.data_ptr() == ptr  # the freed buffer was recycled ...
+    torch.testing.assert_close(again, expected[0], rtol=1e-5, atol=1e-9)  # ... and fully rewritten

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "lct/robust_loss.h"
+#include "buffer_pool.h"
 #include "row_ops.h"
 
 namespace lct::cpu {
@@ -67,13 +68,7 @@ void objective_impl(const at::Tensor& student, const at::Tensor& teacher, const 
       },
       [&](int64_t r, int64_t jb, int64_t je) {
         const scalar_t *sr = s.row(r), *tr = t.row(r), *xr = x.row(r);
-        scalar_t* gr = grad + r * N;
-        const float ar = a[r], br = b[r];
-#pragma omp simd
-        for (int64_t j = jb; j < je; ++j) {
-          const float sv = float(sr[j]);
-          gr[j] = static_cast<scalar_t>(ar * (sv - float(tr[j])) + br * (sv - float(xr[j])));
-        }
+        write_objective_grad(grad + r * N, sr, tr, xr, a[r], b[r], jb, je);
       });
   cm_sum = 0.0;
   diff_sum = 0.0;
@@ -112,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> consistency_objective
   TORCH_CHECK(B > 0 && N > 0, "lct: consistency_objective needs B >= 1 and N >= 1");
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor total = at::empty({}, f32), cm = at::empty({B}, f32), diff = at::empty({}, f32);
-  at::Tensor grad = compute_grad ? at::empty({B, N}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? pooled_empty({B, N}, student.options()) : at::empty({0}, student.options());
   const float* mask = diff_mask.const_data_ptr<float>();
   double count = 0.0;
   for (int64_t r = 0; r < B; ++r) count += mask[r] != 0.f ? 1.0 : 0.0;

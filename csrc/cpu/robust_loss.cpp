@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "lct/robust_loss.h"
+#include "buffer_pool.h"
 #include "row_ops.h"
 
 namespace lct::cpu {
@@ -91,11 +92,7 @@ void robust_loss_impl(const at::Tensor& pred, const at::Tensor& target, double c
       [&](int64_t r, int64_t b, int64_t e) {
         const scalar_t* pr = p.row(r);
         const scalar_t* tr = t.row(r);
-        scalar_t* gr = g + r * N;
-        const float k = coef[r];
-#pragma omp simd
-        for (int64_t j = b; j < e; ++j)
-          gr[j] = static_cast<scalar_t>(k * (float(pr[j]) - float(tr[j])));
+        write_scaled_diff(g + r * N, pr, tr, coef[r], b, e);
       });
 }
 
@@ -122,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> robust_loss_cpu(
   const auto f32 = pred.options().dtype(at::kFloat);
   at::Tensor out = reduction == 0 ? at::empty({B}, f32) : at::empty({}, f32);
   at::Tensor rho = at::empty({B}, f32);
-  at::Tensor grad = compute_grad ? at::empty({B, N}, pred.options()) : at::empty({0}, pred.options());
+  at::Tensor grad = compute_grad ? pooled_empty({B, N}, pred.options()) : at::empty({0}, pred.options());
   TORCH_CHECK(B > 0 && N > 0, "lct: robust_loss needs B >= 1 and N >= 1");
   const double inv_b = reduction == 1 ? 1.0 / double(B) : 1.0;
   float* rho_p = rho.mutable_data_ptr<float>();

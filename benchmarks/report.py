@@ -1,0 +1,216 @@
+"""Benchmark report: every lct_kernels backend vs eager PyTorch and torch.compile.
+
+    python benchmarks/report.py                       # this machine's device, full run
+    python benchmarks/report.py --quick               # fewer repetitions
+    python benchmarks/report.py --write BENCHMARKS.md --plots docs/bench
+
+Implementations are timed side by side: in every round each implementation
+runs once per case, in a rotating order, so machine noise hits all of them
+alike; the table gives medians over rounds and ratios of medians.  Times
+include everything a training step pays (argument checks, allocation, the
+autograd graph).  The floor is the time to read pred and target once and write
+the gradient once at the measured copy bandwidth.
+
+With --write, the section between ``<!-- report:DEVICE -->`` markers of the
+Markdown file is replaced (other devices' sections are kept).
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cases  # noqa: E402
+
+import lct_kernels as L  # noqa: E402
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def measure(impls, make_inputs, shape, dtype, device, rounds, modes=MODES):
+    """{(impl, mode): [seconds per round]} with implementations interleaved."""
+    inputs = {name: make_inputs(shape, dtype, device) for name in impls}
+    runners = {
+        (name, mode): cases.modes(fn, inputs[name], device)[mode]
+        for name, fn in impls.items()
+        for mode in modes
+    }
+    for setup, run in runners.values():  # warm-up (includes torch.compile's compilation)
+        for _ in range(3):
+            cases.time_once(setup, run, device)
+    times = {key: [] for key in runners}
+    keys = list(runners)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            times[k].append(cases.time_once(*runners[k], device))
+    return times
+
+
+def summarize(times):
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fmt_ms(s):
+    return f"{s * 1e3:.3f}" if s >= 1e-4 else f"{s * 1e6:.1f} us"
+
+
+def loss_table(device, dtype, rounds, bandwidth):
+    impls = cases.loss_impls(device)
+    names = list(impls)
+    lines = [
+        "| shape | mode | " + " | ".join(f"{n} ms" for n in names)
+        + " | best lct vs eager | best lct vs compile | floor ms | best lct / floor |",
+        "|" + "---|" * (len(names) + 6),
+    ]
+    results = {}
+    for label, shape in cases.SHAPES.items():
+        med = summarize(measure(impls, cases.loss_inputs, shape, dtype, device, rounds))
+        floor = cases.floor_bytes(shape, dtype) / bandwidth
+        for mode in MODES:
+            row = [med[(n, mode)] for n in names]
+            lct = [med[(n, mode)] for n in names if n.startswith("lct-")]
+            best = min(lct) if lct else float("nan")
+            results[(label, mode)] = dict(zip(names, row))
+            floor_cells = f"{floor * 1e3:.3f} | {best / floor:.2f}" if mode == "fwd+bwd" else " | "
+            lines.append(
+                f"| {label} | {mode} | " + " | ".join(fmt_ms(t) for t in row)
+                + f" | {med[('eager', mode)] / best:.2f}x | {med[('compile', mode)] / best:.2f}x | "
+                + floor_cells + " |"
+            )
+    return lines, results
+
+
+def objective_table(device, dtype, rounds):
+    impls = cases.objective_impls(device)
+    names = list(impls)
+    lines = [
+        "| shape | " + " | ".join(f"{n} ms" for n in names) + " | best lct vs eager | best lct vs compile |",
+        "|" + "---|" * (len(names) + 3),
+    ]
+    for label in ("128x4x32x32", "256x4x32x32"):
+        med = summarize(
+            measure(impls, cases.objective_inputs, cases.SHAPES[label], dtype, device, rounds,
+                    modes=("fwd+bwd",))
+        )
+        row = [med[(n, "fwd+bwd")] for n in names]
+        best = min(med[(n, "fwd+bwd")] for n in names if n.startswith("lct-"))
+        lines.append(
+            f"| {label} | " + " | ".join(fmt_ms(t) for t in row)
+            + f" | {med[('eager', 'fwd+bwd')] / best:.2f}x | {med[('compile', 'fwd+bwd')] / best:.2f}x |"
+        )
+    return lines
+
+
+def kernel_bandwidth_lines(device, dtype, bandwidth, rounds):
+    """GPU only: the fused forward kernel alone, as a fraction of copy bandwidth."""
+    lines = ["| shape | backend | kernel us | GB/s | % of copy bandwidth |", "|---|---|---|---|---|"]
+    for label in ("256x4x32x32", "64x4x64x64"):
+        shape = cases.SHAPES[label]
+        pred, target, weight, c = cases.loss_inputs(shape, dtype, device)
+        p2, t2 = pred.detach().reshape(shape[0], -1), target.reshape(shape[0], -1)
+        c_t = torch.tensor(c, dtype=torch.float64, device=device)
+        nbytes = cases.floor_bytes(shape, dtype)
+        for be in cases.lct_backends(device):
+            op = L.ops.robust_loss.fused_op(be)
+
+            def run(op=op):
+                op(p2, t2, c_t, weight, 0, False, 1, True)
+
+            ts = sorted(cases.time_once(lambda: None, run, device) for _ in range(max(rounds, 50)))
+            t = ts[len(ts) // 2]
+            lines.append(f"| {label} | {be} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
+                         f"{100 * nbytes / t / bandwidth:.0f}% |")
+    return lines
+
+
+def plot(results, device, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(cases.SHAPES)
+    impls = [n for n in next(iter(results.values())) if n != "eager"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(impls)
+    for i, name in enumerate(impls):
+        speedups = [results[(lab, "fwd+bwd")]["eager"] / results[(lab, "fwd+bwd")][name]
+                    for lab in labels]
+        ax.bar([x + i * width for x in range(len(labels))], speedups, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))], labels)
+    ax.set_ylabel("speed-up over eager (fwd+bwd)")
+    ax.set_title(f"Cauchy loss, {device}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(device, dtype, bandwidth):
+    info = L.backend_info()
+    dev = info["cuda_device"] if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return [
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- device: {device} ({dev}); dtype {str(dtype).replace('torch.', '')}",
+        f"- torch {torch.__version__}, triton {info['versions']['triton']}, python {info['versions']['python']}",
+        f"- measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s",
+    ]
+
+
+def replace_section(path, device, body):
+    start, end = f"<!-- report:{device} -->", f"<!-- /report:{device} -->"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--write", metavar="MARKDOWN", help="replace this device's section in the file")
+    ap.add_argument("--plots", metavar="DIR", help="save PNG plots here")
+    args = ap.parse_args(argv)
+    device = args.device
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rounds = args.rounds or (5 if args.quick else (40 if device == "cpu" else 100))
+    bandwidth = cases.copy_bandwidth(device)
+
+    out = [f"### {device.upper()}: Cauchy loss (weighted, mean), forward / backward / both", ""]
+    out += environment(device, dtype, bandwidth) + [f"- rounds: {rounds} (median)", ""]
+    lines, results = loss_table(device, dtype, rounds, bandwidth)
+    out += lines
+    out += ["", f"### {device.upper()}: consistency objective (Cauchy + 5 x diffusion), fwd+bwd", ""]
+    out += objective_table(device, dtype, rounds)
+    if device == "cuda":
+        out += ["", "### CUDA: fused forward kernel alone (loss + gradient), bytes = 3 x tensor", ""]
+        out += kernel_bandwidth_lines(device, dtype, bandwidth, rounds)
+    body = "\n".join(out)
+    print(body)
+    if args.plots:
+        os.makedirs(args.plots, exist_ok=True)
+        path = os.path.join(args.plots, f"cauchy_{device}.png")
+        plot(results, device, path)
+        body += f"\n\n![speed-up over eager, {device}]({os.path.relpath(path, os.path.dirname(os.path.abspath(args.write)) if args.write else '.')})"
+        print(f"\nplot: {path}")
+    if args.write:
+        replace_section(args.write, device, body)
+        print(f"wrote the {device} section of {args.write}")
+
+
+if __name__ == "__main__":
+    main()
