@@ -1,0 +1,59 @@
+# Entry points used by README.md and .ci/run.
+#   make demo        install (CPU) and run the main job: the benchmark report on this machine
+#   make test        install (CPU) and run the test suite (Triton under the interpreter)
+#   make bench       pytest-benchmark suite
+#   make cuda-check  compile the CUDA extension out of tree and load it (no GPU needed)
+#   make cmake-check libtorch build of csrc/ plus its ctest
+# Variables: PYTHON (a Python >= 3.10), VENV, TORCH (the torch requirement).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
+
+.PHONY: install demo test bench cuda-check cmake-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+	$(BIN)/pip install -q "$(TORCH)" ninja
+
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	mkdir -p runs
+	$(BIN)/python -m lct_kernels
+	$(BIN)/python benchmarks/report.py --write runs/BENCHMARKS.local.md --plots runs
+
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,rounds
+
+$(CUDA_VENV)/bin/python:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" ninja "numpy<2.4"
+
+cuda-check: $(CUDA_VENV)/bin/python
+	rm -rf build-cuda
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} LCT_BUILD_CUDA=1 \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext -b build-cuda/lib -t build-cuda/tmp
+	$(CUDA_VENV)/bin/python benchmarks/check_cuda_build.py build-cuda/lib/lct_kernels
+
+cmake-check: $(BIN)/python
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
+	$(BIN)/python -c "import torch; torch.ops.load_library('build/cmake/liblct_ops.so'); print('liblct_ops.so loads:', torch.ops.lct.robust_loss)"
+
+clean:
+	rm -rf build build-cuda runs *.egg-info lct_kernels/*.so lct_kernels/_build_info.json
