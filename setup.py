@@ -18,6 +18,7 @@ Install with torch already present and without build isolation:
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -78,6 +79,15 @@ def _cuda_decision():
     return True, f"built with CUDA_HOME={cuda_home}"
 
 
+def _compiler_version():
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        return out.splitlines()[0].strip()
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return cxx
+
+
 def _write_generated_header(build_cuda):
     os.makedirs(os.path.join(GENERATED, "lct"), exist_ok=True)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
@@ -133,7 +143,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             "variants": built,
             "cuda": CUDA_REASON,
             "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if BUILD_CUDA else "",
-            "compiler": os.environ.get("CXX", "c++"),
+            "compiler": _compiler_version(),
         }
         out_dir = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
         os.makedirs(out_dir, exist_ok=True)

@@ -78,7 +78,7 @@ def loss_table(device, dtype, rounds, bandwidth):
             lct = [med[(n, mode)] for n in names if n.startswith("lct-")]
             best = min(lct) if lct else float("nan")
             results[(label, mode)] = dict(zip(names, row))
-            floor_cells = f"{floor * 1e3:.3f} | {best / floor:.2f}" if mode == "fwd+bwd" else " | "
+            floor_cells = f"{fmt_ms(floor)} | {best / floor:.2f}" if mode == "fwd+bwd" else " | "
             lines.append(
                 f"| {label} | {mode} | " + " | ".join(fmt_ms(t) for t in row)
                 + f" | {med[('eager', mode)] / best:.2f}x | {med[('compile', mode)] / best:.2f}x | "

@@ -147,8 +147,9 @@ def consistency_objective(
     )
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     total, cm, diff, _ = _fused_grad.call(
-        op, _setup, _backward, V.rows(student), V.rows(teacher.detach()), V.rows(x0.detach()), weight_v, diff_weight_v,
-        mask_v, c_t, kind, float(diff_coef), compute_grad,
+        op, _setup, _backward,
+        V.rows(student), V.rows(teacher.detach()), V.rows(x0.detach()),
+        weight_v, diff_weight_v, mask_v, c_t, kind, float(diff_coef), compute_grad,
     )
     return total, cm, diff
 

@@ -91,13 +91,12 @@ def _fake_robust_loss(pred, target, c, weight, kind, elementwise, reduction, com
 
 
 def _setup_robust_loss(ctx, inputs, output):
-    _, _, _, weight, _, _, reduction, _ = inputs
+    reduction = inputs[6]
     _, rho, grad = output
     ctx.mark_non_differentiable(rho, grad)
     ctx.reduction = reduction
     ctx.batch = rho.shape[0]
-    weight_saved = weight if weight is not None else rho.new_empty(0)
-    _fused_grad.save_grad_buffer(ctx, grad, rho, weight_saved)
+    _fused_grad.save_grad_buffer(ctx, grad, rho)  # rho: for the weight's gradient
 
 
 def _robust_loss_backward(ctx, g_out, _g_rho, _g_grad):
@@ -105,7 +104,7 @@ def _robust_loss_backward(ctx, g_out, _g_rho, _g_grad):
     if g_out is None:
         return (None,) * 8
     grad_pred = grad_target = grad_weight = None
-    rho, _ = _fused_grad.saved_others(ctx)
+    (rho,) = _fused_grad.saved_others(ctx)
     if need_weight:
         per_row = g_out if ctx.reduction == 0 else g_out.expand(ctx.batch)
         grad_weight = per_row * rho / (ctx.batch if ctx.reduction == 1 else 1)
