@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "lct/checks.h"
 #include "lct/robust_loss.h"
 #include "buffer_pool.h"
 #include "row_ops.h"
@@ -78,33 +79,12 @@ void objective_impl(const at::Tensor& student, const at::Tensor& teacher, const 
   }
 }
 
-void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK(b.dim() == 2 && b.sizes() == a.sizes() && b.scalar_type() == a.scalar_type(),
-              "lct: ", name, " must match student's shape and dtype");
-  TORCH_CHECK(b.size(1) <= 1 || b.stride(1) == 1, "lct: ", name, " must have unit column stride");
-}
-
-void check_vec(const at::Tensor& v, int64_t B, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == B && v.scalar_type() == at::kFloat && v.is_contiguous(),
-              "lct: ", name, " must be a contiguous float32 (B,) tensor");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> consistency_objective_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& x0,
     const at::Tensor& weight, const at::Tensor& diff_weight, const at::Tensor& diff_mask,
     const at::Tensor& c, int64_t kind, double diff_coef, bool compute_grad) {
-  TORCH_CHECK(student.dim() == 2 && (student.size(1) <= 1 || student.stride(1) == 1),
-              "lct: student must be 2-D with unit column stride");
-  check_same(student, teacher, "teacher");
-  check_same(student, x0, "x0");
+  check_objective_args(student, teacher, x0, weight, diff_weight, diff_mask, c, kind);
   const int64_t B = student.size(0), N = student.size(1);
-  check_vec(weight, B, "weight");
-  check_vec(diff_weight, B, "diff_weight");
-  check_vec(diff_mask, B, "diff_mask");
-  TORCH_CHECK(c.numel() == 1 && c.scalar_type() == at::kDouble && c.device().is_cpu(),
-              "lct: c must be a float64 CPU scalar tensor");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "lct: unknown loss kind ", kind);
-  TORCH_CHECK(B > 0 && N > 0, "lct: consistency_objective needs B >= 1 and N >= 1");
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor total = at::empty({}, f32), cm = at::empty({B}, f32), diff = at::empty({}, f32);
   at::Tensor grad = compute_grad ? pooled_empty({B, N}, student.options()) : at::empty({0}, student.options());

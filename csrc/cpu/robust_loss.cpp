@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+#include "lct/checks.h"
 #include "lct/robust_loss.h"
 #include "buffer_pool.h"
 #include "row_ops.h"
@@ -29,11 +30,6 @@ struct Sum1 {
     return *this;
   }
 };
-
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2, "lct: ", name, " must be 2-D (B, N), got ", x.dim(), "-D");
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "lct: ", name, " must have unit column stride");
-}
 
 // Per-row factor folded into the gradient: weight_i, divided by B for "mean".
 inline float row_factor(const float* weight, int64_t r, double inv_b) {
@@ -100,27 +96,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> robust_loss_cpu(
     const at::Tensor& pred, const at::Tensor& target, const at::Tensor& c,
     const std::optional<at::Tensor>& weight, int64_t kind, bool elementwise, int64_t reduction,
     bool compute_grad) {
-  check_rows(pred, "pred");
-  check_rows(target, "target");
-  TORCH_CHECK(pred.sizes() == target.sizes(), "lct: pred and target shapes differ");
-  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), "lct: pred and target dtypes differ");
-  TORCH_CHECK(c.numel() == 1 && c.scalar_type() == at::kDouble && c.device().is_cpu(),
-              "lct: c must be a float64 CPU scalar tensor");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "lct: unknown loss kind ", kind);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "lct: unknown reduction ", reduction);
+  check_robust_loss_args(pred, target, c, weight, kind, reduction);
   const int64_t B = pred.size(0), N = pred.size(1);
-  const float* w = nullptr;
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == B && weight->scalar_type() == at::kFloat &&
-                    weight->is_contiguous() && weight->device().is_cpu(),
-                "lct: weight must be a contiguous float32 (B,) CPU tensor");
-    w = weight->const_data_ptr<float>();
-  }
+  const float* w = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
   const auto f32 = pred.options().dtype(at::kFloat);
   at::Tensor out = reduction == 0 ? at::empty({B}, f32) : at::empty({}, f32);
   at::Tensor rho = at::empty({B}, f32);
   at::Tensor grad = compute_grad ? pooled_empty({B, N}, pred.options()) : at::empty({0}, pred.options());
-  TORCH_CHECK(B > 0 && N > 0, "lct: robust_loss needs B >= 1 and N >= 1");
   const double inv_b = reduction == 1 ? 1.0 / double(B) : 1.0;
   float* rho_p = rho.mutable_data_ptr<float>();
   LCT_DISPATCH_KERNEL_TYPES(pred.scalar_type(), "robust_loss_cpu", [&] {

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "lct/dispatch.h"
+#include "lct/checks.h"
 #include "lct/robust_loss.h"
 #include "row_kernels.cuh"
 
@@ -144,19 +145,6 @@ __global__ void finalize_kernel(const float* __restrict__ cm, const float* __res
   }
 }
 
-void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK(b.dim() == 2 && b.sizes() == a.sizes() && b.scalar_type() == a.scalar_type() &&
-                  b.device() == a.device(),
-              "lct: ", name, " must match student's shape, dtype and device");
-  TORCH_CHECK(b.size(1) <= 1 || b.stride(1) == 1, "lct: ", name, " must have unit column stride");
-}
-
-void check_vec(const at::Tensor& v, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == ref.size(0) && v.scalar_type() == at::kFloat &&
-                  v.is_contiguous() && v.device() == ref.device(),
-              "lct: ", name, " must be a contiguous float32 (B,) tensor on student's device");
-}
-
 template <typename T, int VEC>
 void launch_objective(const at::Tensor& s, const at::Tensor& t, const at::Tensor& x,
                       const at::Tensor& w, const at::Tensor& dw, const at::Tensor& mask,
@@ -180,20 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> consistency_objective
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& x0,
     const at::Tensor& weight, const at::Tensor& diff_weight, const at::Tensor& diff_mask,
     const at::Tensor& c, int64_t kind, double diff_coef, bool compute_grad) {
-  TORCH_CHECK(student.is_cuda() && student.dim() == 2 &&
-                  (student.size(1) <= 1 || student.stride(1) == 1),
-              "lct: student must be a 2-D CUDA tensor with unit column stride");
-  check_same(student, teacher, "teacher");
-  check_same(student, x0, "x0");
-  check_vec(weight, student, "weight");
-  check_vec(diff_weight, student, "diff_weight");
-  check_vec(diff_mask, student, "diff_mask");
-  TORCH_CHECK(c.numel() == 1 && c.scalar_type() == at::kDouble && c.device() == student.device(),
-              "lct: c must be a float64 scalar on student's device");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "lct: unknown loss kind ", kind);
+  check_objective_args(student, teacher, x0, weight, diff_weight, diff_mask, c, kind);
   const int64_t B = student.size(0), N = student.size(1);
-  TORCH_CHECK(B > 0 && N > 0, "lct: consistency_objective needs B >= 1 and N >= 1");
-  TORCH_CHECK(B <= 0x7fffffff, "lct: at most 2^31 - 1 samples");
   c10::cuda::CUDAGuard guard(student.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index());
   const auto f32 = student.options().dtype(at::kFloat);

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "lct/dispatch.h"
+#include "lct/checks.h"
 #include "lct/robust_loss.h"
 #include "row_kernels.cuh"
 
@@ -145,12 +146,6 @@ __global__ void reduce_loss_kernel(const float* __restrict__ rho, const float* _
   if (threadIdx.x == 0) *out = total * inv_b;
 }
 
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "lct: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 2, "lct: ", name, " must be 2-D (B, N), got ", x.dim(), "-D");
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "lct: ", name, " must have unit column stride");
-}
-
 struct LossArgs {
   const double* c;
   const float* weight;  // nullable
@@ -193,26 +188,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> robust_loss_cuda(
     const at::Tensor& pred, const at::Tensor& target, const at::Tensor& c,
     const std::optional<at::Tensor>& weight, int64_t kind, bool elementwise, int64_t reduction,
     bool compute_grad) {
-  check_rows(pred, "pred");
-  check_rows(target, "target");
-  TORCH_CHECK(pred.sizes() == target.sizes(), "lct: pred and target shapes differ");
-  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), "lct: pred and target dtypes differ");
-  TORCH_CHECK(target.device() == pred.device() && c.device() == pred.device(),
-              "lct: pred, target and c must be on one device");
-  TORCH_CHECK(c.numel() == 1 && c.scalar_type() == at::kDouble, "lct: c must be a float64 scalar");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "lct: unknown loss kind ", kind);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "lct: unknown reduction ", reduction);
+  check_robust_loss_args(pred, target, c, weight, kind, reduction);
   c10::cuda::CUDAGuard guard(pred.device());
   const int64_t B = pred.size(0), N = pred.size(1);
-  TORCH_CHECK(B > 0 && N > 0, "lct: robust_loss needs B >= 1 and N >= 1");
-  TORCH_CHECK(B <= 0x7fffffff, "lct: at most 2^31 - 1 samples");
-  const float* w = nullptr;
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == B && weight->scalar_type() == at::kFloat &&
-                    weight->is_contiguous() && weight->device() == pred.device(),
-                "lct: weight must be a contiguous float32 (B,) tensor on pred's device");
-    w = weight->const_data_ptr<float>();
-  }
+  const float* w = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
   const auto f32 = pred.options().dtype(at::kFloat);
   at::Tensor out = reduction == 0 ? at::empty({B}, f32) : at::empty({}, f32);
   at::Tensor rho = at::empty({B}, f32);
