@@ -24,4 +24,25 @@ TORCH_LIBRARY(lct, m) {
       "consistency_objective(Tensor student, Tensor teacher, Tensor x0, Tensor weight, "
       "Tensor diff_weight, Tensor diff_mask, Tensor c, int kind, float diff_coef, "
       "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Layer norm with optional weight and bias, optionally followed by the adaLN
+  // modulation of DiT: rows of x are grouped by sample, group g = row / group_rows.
+  //   xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)  (biased variance)
+  //   z = xhat * weight + bias;  y = z * (1 + scale[g]) + shift[g]
+  // x: (M, D) float32/float16/bfloat16 with unit column stride; weight, bias: (D,)
+  // float32; shift, scale: (M / group_rows, D) float32.  Returns (y (M, D) in x's
+  // dtype, mean (M,) float32, rstd (M,) float32).  save_y only tells the autograd
+  // formula to keep y instead of x (the memory-saving mode); kernels ignore it.
+  m.def(
+      "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? scale, "
+      "float eps, int group_rows, bool save_y) -> (Tensor, Tensor, Tensor)");
+  // Backward of layer_norm_fwd.  xy is x, or y when xy_is_y (then weight, shift and
+  // scale must be absent and xhat = y - bias).  Returns (dx (M, D) in dy's dtype, or
+  // (0,) when !need_dx; p1 = sum over each group's rows of dy; p2 = the same of
+  // dy * xhat), p1 and p2 (G, D) float32 or (0,) when !need_partials.  Parameter
+  // gradients follow from them: d bias = sum_g (1 + scale_g) p1_g,
+  // d weight = sum_g (1 + scale_g) p2_g, d shift = p1, d scale = weight p2 + bias p1.
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor xy, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor? bias, Tensor? scale, int group_rows, bool xy_is_y, bool need_dx, "
+      "bool need_partials) -> (Tensor, Tensor, Tensor)");
 }

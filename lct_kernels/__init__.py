@@ -3,6 +3,7 @@
 Public API:
     cauchy_loss, pseudo_huber_loss, geman_mcclure_loss   fused robust losses
     consistency_objective                                 fused consistency + diffusion objective
+    non_scaling_layer_norm, nsln_modulate                 NsLN and the fused NsLN + adaLN modulate
     nn                                                    thin modules over the ops
     backend_info()                                        what loaded, and why anything did not
 
@@ -13,6 +14,7 @@ Importing never fails because a compiled extension is missing; backend_info()
 from . import _ext  # noqa: F401  (loads the compiled libraries first)
 from ._backend import BackendUnavailable, backend_info, format_backend_info
 from .ops.consistency_objective import consistency_objective
+from .ops.layer_norm import non_scaling_layer_norm, nsln_modulate
 from .ops.robust_loss import cauchy_loss, geman_mcclure_loss, pseudo_huber_loss
 from . import nn  # noqa: E402
 
@@ -23,6 +25,8 @@ __all__ = [
     "pseudo_huber_loss",
     "geman_mcclure_loss",
     "consistency_objective",
+    "non_scaling_layer_norm",
+    "nsln_modulate",
     "nn",
     "backend_info",
     "format_backend_info",

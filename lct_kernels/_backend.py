@@ -33,6 +33,7 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 OP_FAMILIES = {
     "robust_loss": ("lct::robust_loss",),
     "consistency_objective": ("lct::consistency_objective",),
+    "layer_norm": ("lct::layer_norm_fwd", "lct::layer_norm_bwd"),
 }
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None

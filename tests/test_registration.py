@@ -117,3 +117,64 @@ def test_compile_fullgraph_triton_backend():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(pred.grad, p2.grad)
     assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------------------
+# Layer norm family
+# ---------------------------------------------------------------------------
+def _ln_cases():
+    M, D, G = 12, 20, 3
+    x = torch.randn(M, D, requires_grad=True)
+    w, b = torch.rand(D, requires_grad=True), torch.randn(D, requires_grad=True)
+    sh, sc = torch.randn(G, D, requires_grad=True), torch.randn(G, D, requires_grad=True)
+    return [
+        (x, None, b, None, None, 1e-5, M, False),
+        (x, w, b, None, None, 1e-5, M, False),
+        (x, None, b, sh, sc, 1e-6, M // G, False),
+        (x, None, b, None, None, 1e-5, M, True),
+        (x.detach(), None, None, None, None, 1e-5, M, False),
+    ]
+
+
+def _ln_ops():
+    ops = []
+    if hasattr(torch.ops.lct, "layer_norm_fwd"):
+        ops.append(torch.ops.lct.layer_norm_fwd.default)
+    if HAS_TRITON_CPU:
+        ops.append(torch.ops.lct.triton_layer_norm_fwd.default)
+    return ops
+
+
+@pytest.mark.parametrize("op", _ln_ops(), ids=str)
+def test_opcheck_layer_norm(op):
+    for args in _ln_cases():
+        torch.library.opcheck(op, args)
+    bwd = (torch.ops.lct.triton_layer_norm_bwd.default if "triton" in str(op)
+           else torch.ops.lct.layer_norm_bwd.default)
+    x = torch.randn(12, 20)
+    y, mean, rstd = op(x, None, None, None, None, 1e-5, 12, False)
+    torch.library.opcheck(bwd, (torch.randn(12, 20), x, mean, rstd, None, None, None, 12, False,
+                                True, True))
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="compiled CPU extension not built")
+def test_compile_fullgraph_layer_norm_family():
+    torch._dynamo.reset()
+    qk = L.nn.NonScalingLayerNorm(16)
+
+    def block(x, shift, scale, bias):
+        h = L.nsln_modulate(x, shift, scale)
+        h = L.non_scaling_layer_norm(h, 16, bias)
+        return qk(h.reshape(2, 5, 4, 16)).sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    args = [torch.randn(2, 20, 16, requires_grad=True), torch.randn(2, 16, requires_grad=True),
+            torch.randn(2, 16, requires_grad=True), torch.randn(16, requires_grad=True)]
+    out = compiled(*args)
+    g = torch.autograd.grad(out, args)
+    ref = block(*args)
+    g_ref = torch.autograd.grad(ref, args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
