@@ -109,7 +109,9 @@ INCLUDES = [os.path.join(ROOT, "csrc", "include"), GENERATED]
 ext_modules = [
     cpp_extension.CppExtension(
         "lct_kernels._C",
-        [_csrc("ops.cpp"), _csrc("python_module.cpp")] + _sources("cpu", ".cpp"),
+        [_csrc("ops.cpp"), _csrc("python_module.cpp")]
+        + _sources("cpu", ".cpp")
+        + _sources(os.path.join("cpu", "isa"), ".cpp"),
         include_dirs=INCLUDES,
         define_macros=[("LCT_MODULE_NAME", "_C")],
         extra_compile_args={"cxx": COMMON_CXX + ["-fopenmp"]},

@@ -247,3 +247,29 @@ def test_mixed_dtypes_are_accepted_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = L.nsln_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8), bias=torch.zeros(8))
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU extension not built")
+@pytest.mark.parametrize("isa", ["base", "auto"])
+def test_cpu_isa_variants_agree_with_float64(monkeypatch, isa):
+    """float32 rows run ISA-specific kernels (csrc/cpu/isa/); LCT_CPU_ISA=base forces SSE2."""
+    if isa == "base":
+        monkeypatch.setenv("LCT_CPU_ISA", "base")
+    B, T, D = 3, 9, 77
+    x = torch.randn(B, T, D, requires_grad=True)
+    shift, scale = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    bias = torch.randn(D, requires_grad=True)
+    y = L.nsln_modulate(x, shift, scale, bias, backend="cpu")
+    gy = torch.randn_like(y)
+    got = grads(y, (x, shift, scale, bias), gy)
+    in64 = tuple(t.detach().double().requires_grad_() for t in (x, shift, scale, bias))
+    ref = modulate64(*in64)
+    want = grads(ref, in64, gy.double())
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    y2 = L.non_scaling_layer_norm(x, D, bias, backend="cpu", memory_efficient=True)
+    (dx,) = grads(y2, (x,), gy)
+    x64 = x.detach().double().requires_grad_()
+    (rdx,) = grads(nsln64(x64, D, bias), (x64,), gy.double())
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-4, atol=1e-4)

@@ -18,14 +18,30 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "buffer_pool.h"
+#include "isa/layer_norm_args.h"
 #include "lct/layer_norm.h"
 #include "row_ops.h"
 
 namespace lct::cpu {
 namespace {
+
+// float32 rows use the ISA-specific kernels (isa/): AVX2 + FMA when the CPU has
+// them, else baseline SSE2.  LCT_CPU_ISA=base forces the baseline (for tests).
+bool use_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const char* forced = std::getenv("LCT_CPU_ISA");
+  if (forced != nullptr && std::string(forced) == "base") return false;
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
 
 // Per-column parameter vectors with absent ones replaced by their neutral value.
 struct Params {
@@ -47,6 +63,7 @@ void fwd_impl(const at::Tensor& x, const Params& prm, const float* shift, const 
   const float* zeros = prm.zeros.data();
   const int64_t grain = std::max<int64_t>(1, kChunk / D);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
     for (int64_t r = begin; r < end; ++r) {
       const T* xi = xr.row(r);
       const double mean = blocked_sum(0, D, [&](int64_t j) { return float(xi[j]); }) / double(D);
@@ -63,12 +80,14 @@ void fwd_impl(const at::Tensor& x, const Params& prm, const float* shift, const 
       const float* sh = shift ? shift + g * D : zeros;
       const float* w = prm.w;
       const float* b = prm.b;
-      T* yi = y + r * D;
+      write_row(y + r * D, D, scratch, [&](auto* yi) {
+        using Out = std::remove_pointer_t<decltype(yi)>;
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) {
-        const float z = (float(xi[j]) - mf) * rs * w[j] + b[j];
-        yi[j] = static_cast<T>(z * (1.f + sc[j]) + sh[j]);
-      }
+        for (int64_t j = 0; j < D; ++j) {
+          const float z = (float(xi[j]) - mf) * rs * w[j] + b[j];
+          yi[j] = static_cast<Out>(z * (1.f + sc[j]) + sh[j]);
+        }
+      });
     }
   });
 }
@@ -85,45 +104,68 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& xy, const float* mean, con
   std::vector<float> part(partials ? size_t(G * chunks * 2 * D) : 0);
   const float* zeros = prm.zeros.data();
 
+  LayerNormBwdArgs fa{};  // float32: the ISA-specific task kernel (isa/)
+  if constexpr (std::is_same_v<T, float>) {
+    fa = LayerNormBwdArgs{dyr.data, dyr.row_stride, xyr.data, xyr.row_stride, D, mean, rstd,
+                          prm.w, prm.b, scale, zeros, group_rows, chunks, rows_per_chunk,
+                          xy_is_y, dx};
+  }
+  const auto float_task = use_avx2() ? &avx2::layer_norm_bwd_task_f32 : &base::layer_norm_bwd_task_f32;
+
   at::parallel_for(0, G * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xhat(D), gz(D);
+    std::vector<float> local(partials ? 0 : 2 * D);  // scratch partials when not wanted
+    std::vector<float> gain_v(D), scratch(D);
     for (int64_t task = begin; task < end; ++task) {
+      if constexpr (std::is_same_v<T, float>) {
+        float* p1 = partials ? part.data() + task * 2 * D : local.data();
+        float_task(fa, task, p1, p1 + D, gain_v.data(), scratch.data());
+        continue;
+      }
       const int64_t g = task / chunks, c = task % chunks;
       const int64_t r0 = g * group_rows + c * rows_per_chunk;
       const int64_t r1 = std::min(g * group_rows + group_rows, r0 + rows_per_chunk);
-      float* p1 = partials ? part.data() + task * 2 * D : nullptr;
-      float* p2 = partials ? p1 + D : nullptr;
+      float* p1 = partials ? part.data() + task * 2 * D : local.data();
+      float* p2 = p1 + D;
       const float* sc = scale ? scale + g * D : zeros;
-      const float* w = prm.w;
-      const float* b = prm.b;
+      float* gain = gain_v.data();  // dxhat = dy * gain, gain = (1 + scale_g) * w
+      for (int64_t j = 0; j < D; ++j) gain[j] = (1.f + sc[j]) * prm.w[j];
+      // xhat = (x - mu) * xs - bsub: (x - mean) * rstd, or y - bias in the memory-saving mode.
+      const float* bsub = xy_is_y ? prm.b : zeros;
       for (int64_t r = r0; r < r1; ++r) {
         const T* dyi = dyr.row(r);
         const T* xi = xyr.row(r);
-        const float mu = mean[r], rs = rstd[r];
-        if (xy_is_y) {
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j) xhat[j] = float(xi[j]) - b[j];
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j) xhat[j] = (float(xi[j]) - mu) * rs;
-        }
-        if (partials) {
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j) {
+        const float mu = xy_is_y ? 0.f : mean[r], rs = rstd[r];
+        const float xs = xy_is_y ? 1.f : rs;
+        // Pass 1: the two row sums of dxhat = dy (1 + scale) w, and the partials.
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t jb = 0; jb < D; jb += kBlock) {
+          const int64_t je = std::min(D, jb + kBlock);
+          float a1 = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : a1, a2)
+          for (int64_t j = jb; j < je; ++j) {
             const float d = float(dyi[j]);
+            const float xh = (float(xi[j]) - mu) * xs - bsub[j];
+            const float gz = d * gain[j];
+            a1 += gz;
+            a2 += gz * xh;
             p1[j] += d;
-            p2[j] += d * xhat[j];
+            p2[j] += d * xh;
           }
+          s1 += a1;
+          s2 += a2;
         }
         if (dx == nullptr) continue;
+        const float c1 = static_cast<float>(s1 / double(D)), c2 = static_cast<float>(s2 / double(D));
+        // Pass 2 (row still in L1): dx = rs (dxhat - c1 - xhat c2).
+        write_row(dx + r * D, D, scratch, [&](auto* dxi) {
+          using Out = std::remove_pointer_t<decltype(dxi)>;
 #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) gz[j] = float(dyi[j]) * (1.f + sc[j]) * w[j];
-        const float c1 = static_cast<float>(blocked_sum(0, D, [&](int64_t j) { return gz[j]; }) / double(D));
-        const float c2 = static_cast<float>(
-            blocked_sum(0, D, [&](int64_t j) { return gz[j] * xhat[j]; }) / double(D));
-        T* dxi = dx + r * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) dxi[j] = static_cast<T>(rs * (gz[j] - c1 - xhat[j] * c2));
+          for (int64_t j = 0; j < D; ++j) {
+            const float xh = (float(xi[j]) - mu) * xs - bsub[j];
+            const float gz = float(dyi[j]) * gain[j];
+            dxi[j] = static_cast<Out>(rs * (gz - c1 - xh * c2));
+          }
+        });
       }
     }
   });
@@ -156,6 +198,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   const Params prm(weight, bias, D);
   const float* sh = shift.has_value() ? shift->const_data_ptr<float>() : nullptr;
   const float* sc = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    const LayerNormFwdArgs a{x.const_data_ptr<float>(), x.stride(0), D, prm.w, prm.b, sh, sc,
+                             prm.zeros.data(), eps, group_rows, y.mutable_data_ptr<float>(),
+                             mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>()};
+    const auto rows = use_avx2() ? &avx2::layer_norm_fwd_rows_f32 : &base::layer_norm_fwd_rows_f32;
+    at::parallel_for(0, M, std::max<int64_t>(1, kChunk / D), [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(D);
+      rows(a, begin, end, scratch.data());
+    });
+    return {y, mean, rstd};
+  }
   LCT_DISPATCH_KERNEL_TYPES(x.scalar_type(), "layer_norm_fwd_cpu", [&] {
     fwd_impl<scalar_t>(x, prm, sh, sc, eps, group_rows, y.mutable_data_ptr<scalar_t>(),
                        mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>());

@@ -96,6 +96,36 @@ inline double blocked_sum(int64_t begin, int64_t end, const F& f) {
   return total;
 }
 
+// dst[0:n] = src[0:n] with non-temporal stores where possible (x86, float32):
+// for outputs written once and not read back soon, streaming skips the
+// read-for-ownership of every destination cache line.
+inline void stream_copy(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  while (j < n && (reinterpret_cast<uintptr_t>(dst + j) & 15) != 0) {
+    dst[j] = src[j];
+    ++j;
+  }
+  for (; j + 4 <= n; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
+  _mm_sfence();
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+// Row writer: computes a row with `fill(out_row_or_scratch)` and stores it into
+// dst (n elements of T).  float32 rows go through an L1 scratch buffer and are
+// streamed out; other types are written directly.
+template <typename T, typename Fill>
+inline void write_row(T* dst, int64_t n, std::vector<float>& scratch, const Fill& fill) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (scratch.size() < size_t(n)) scratch.resize(n);
+    fill(scratch.data());
+    stream_copy(dst, scratch.data(), n);
+  } else {
+    fill(dst);
+  }
+}
+
 // out[j] = k * (a[j] - b[j]) for j in [begin, end), converted to T.
 // For float32 outputs on x86 the stores are non-temporal: the gradient is
 // written once and not read back soon, so streaming it skips the
