@@ -164,3 +164,98 @@ def test_opcheck_cuda_ops():
     for op in (torch.ops.lct.consistency_objective.default,
                torch.ops.lct.triton_consistency_objective.default):
         torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------
+# Layer norm family on the GPU
+# ---------------------------------------------------------------------------
+def ln_backends():
+    if not torch.cuda.is_available():
+        return []
+    from lct_kernels import _backend
+
+    return [b for b in ("cuda", "triton") if _backend.status("layer_norm", b, "cuda")[0]]
+
+
+def modulate_oracle(x, shift, scale, bias, eps):
+    x64 = x.double()
+    mean = x64.mean(-1, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(-1, keepdim=True)
+    y = (x64 - mean) / torch.sqrt(var + eps)
+    if bias is not None:
+        y = y + bias.double()
+    if shift is None:
+        return y
+    return y * (1 + scale.double()[:, None]) + shift.double()[:, None]
+
+
+# D: 64 (qk-norm, warp rows), 768/1152 (DiT), 4097 (unaligned), 16384 and 20000 (block rows).
+@pytest.mark.parametrize("backend", ln_backends())
+@pytest.mark.parametrize("B,T,D", [(64, 256, 64), (8, 256, 768), (4, 64, 1152), (3, 5, 4097),
+                                   (2, 8, 16384), (2, 3, 20000), (2, 3, 33)])
+@pytest.mark.parametrize("modulate", [False, True])
+def test_layer_norm_family_fp32_against_float64(backend, B, T, D, modulate):
+    x = (2 * torch.randn(B, T, D, device=DEV) + 0.5).requires_grad_()
+    bias = torch.randn(D, device=DEV, requires_grad=True)
+    shift = torch.randn(B, D, device=DEV, requires_grad=True) if modulate else None
+    scale = (0.3 * torch.randn(B, D, device=DEV)).requires_grad_() if modulate else None
+    if modulate:
+        y = L.nsln_modulate(x, shift, scale, bias, eps=1e-6, backend=backend)
+        inputs = (x, shift, scale, bias)
+    else:
+        y = L.non_scaling_layer_norm(x, D, bias, eps=1e-6, backend=backend)
+        inputs = (x, bias)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, gy)
+    in64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref = modulate_oracle(in64[0], *(in64[1:3] if modulate else (None, None)), in64[-1], 1e-6)
+    want = torch.autograd.grad(ref, in64, gy.double())
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-3 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", ln_backends())
+def test_layer_norm_bf16_rule_dit_shape(backend):
+    import torch.nn.functional as F
+    from helpers import ATOL, assert_rule
+
+    B, T, D = 32, 256, 768
+    x = torch.randn(B, T, D, device=DEV).bfloat16().requires_grad_()
+    shift = torch.randn(B, D, device=DEV).bfloat16().requires_grad_()
+    scale = (0.1 * torch.randn(B, D, device=DEV)).bfloat16().requires_grad_()
+    y = L.nsln_modulate(x, shift, scale, backend=backend)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, shift, scale), gy)
+    in64 = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
+    ref = modulate_oracle(in64[0], in64[1], in64[2], None, 1e-6)
+    want = torch.autograd.grad(ref, in64, gy.double())
+    same = [t.detach().clone().requires_grad_() for t in (x, shift, scale)]
+    eager = F.layer_norm(same[0], (D,), eps=1e-6) * (1 + same[2][:, None]) + same[1][:, None]
+    ref_same = torch.autograd.grad(eager, same, gy)
+    assert_rule(y, ref, eager, ATOL[torch.bfloat16], "y")
+    for name, a, b, s in zip(("x", "shift", "scale"), got, want, ref_same):
+        assert_rule(a, b, s, ATOL[torch.bfloat16] * max(1.0, b.abs().max().item()), name)
+
+
+@pytest.mark.parametrize("backend", ln_backends())
+def test_layer_norm_gpu_parameter_grads_deterministic(backend):
+    x = torch.randn(16, 256, 768, device=DEV, requires_grad=True)
+    shift = torch.randn(16, 768, device=DEV, requires_grad=True)
+    scale = torch.randn(16, 768, device=DEV, requires_grad=True)
+    gy = torch.randn(16, 256, 768, device=DEV)
+    runs = [torch.autograd.grad(L.nsln_modulate(x, shift, scale, backend=backend),
+                                (x, shift, scale), gy) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_opcheck_layer_norm_cuda_ops():
+    x = torch.randn(12, 96, device=DEV, requires_grad=True)
+    b = torch.randn(96, device=DEV, requires_grad=True)
+    sh = torch.randn(3, 96, device=DEV, requires_grad=True)
+    sc = torch.randn(3, 96, device=DEV, requires_grad=True)
+    for op in (torch.ops.lct.layer_norm_fwd.default, torch.ops.lct.triton_layer_norm_fwd.default):
+        torch.library.opcheck(op, (x, None, b, sh, sc, 1e-6, 4, False))
+        torch.library.opcheck(op, (x, None, b, None, None, 1e-5, 12, True))
