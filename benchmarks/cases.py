@@ -93,32 +93,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def modes(fn, inputs, device):
-    """{"fwd": (setup, run), "bwd": ..., "fwd+bwd": ...} for a loss function.
+def modes(fn, inputs, device, grad_out=None):
+    """{"fwd": (setup, run), "bwd": ..., "fwd+bwd": ...} for fn(*inputs).
 
     fwd runs the forward with inputs requiring grad (as in training: the fused
     kernels compute their gradient there); bwd times backward alone, its forward
-    done in the untimed setup; fwd+bwd times both.  .grad is cleared untimed.
+    done in the untimed setup; fwd+bwd times both.  Gradients are cleared untimed.
+    A non-scalar output is backpropagated with ``grad_out``.
     """
-    pred = inputs[0]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     state = {}
 
     def clear():
-        pred.grad = None
+        for t in leaves:
+            t.grad = None
+
+    def backward(out):
+        out.backward(grad_out)
 
     def fwd():
-        state["loss"] = fn(*inputs)
+        state["out"] = fn(*inputs)
 
     def setup_bwd():
         clear()
-        state["loss"] = fn(*inputs)
+        state["out"] = fn(*inputs)
         sync(device)
 
     def bwd():
-        state["loss"].backward()
+        backward(state["out"])
 
     def fwd_bwd():
-        fn(*inputs).backward()
+        backward(fn(*inputs))
 
     return {"fwd": (clear, fwd), "bwd": (setup_bwd, bwd), "fwd+bwd": (clear, fwd_bwd)}
 

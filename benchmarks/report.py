@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cases  # noqa: E402
+import cases_layer_norm as ln_cases  # noqa: E402
 
 import lct_kernels as L  # noqa: E402
 
@@ -35,13 +36,16 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def measure(impls, make_inputs, shape, dtype, device, rounds, modes=MODES):
-    """{(impl, mode): [seconds per round]} with implementations interleaved."""
+    """{(impl, mode): [seconds per round]} with implementations interleaved.
+
+    make_inputs returns the argument tuple, or (arguments, grad_out) for a
+    non-scalar output."""
     inputs = {name: make_inputs(shape, dtype, device) for name in impls}
-    runners = {
-        (name, mode): cases.modes(fn, inputs[name], device)[mode]
-        for name, fn in impls.items()
-        for mode in modes
-    }
+    runners = {}
+    for name, fn in impls.items():
+        args, grad_out = inputs[name] if isinstance(inputs[name][0], tuple) else (inputs[name], None)
+        for mode in modes:
+            runners[(name, mode)] = cases.modes(fn, args, device, grad_out)[mode]
     for setup, run in runners.values():  # warm-up (includes torch.compile's compilation)
         for _ in range(3):
             cases.time_once(setup, run, device)
@@ -106,6 +110,56 @@ def objective_table(device, dtype, rounds):
             + f" | {med[('eager', 'fwd+bwd')] / best:.2f}x | {med[('compile', 'fwd+bwd')] / best:.2f}x |"
         )
     return lines
+
+
+def layer_norm_table(device, dtype, rounds, bandwidth):
+    shapes = ln_cases.GPU_SHAPES if device == "cuda" else ln_cases.CPU_SHAPES
+    lines = []
+    for label, shape in shapes.items():
+        impls = ln_cases.impls(device, shape[3])
+        names = list(impls)
+        lines += [
+            f"**{label}**", "",
+            "| mode | " + " | ".join(f"{n} ms" for n in names)
+            + " | best lct vs eager | best lct vs compile | floor ms | best lct / floor |"
+            + (" peak MB (fwd+bwd) |" if device == "cuda" else ""),
+            "|" + "---|" * (len(names) + 5 + (1 if device == "cuda" else 0)),
+        ]
+        med = summarize(measure(impls, ln_cases.inputs, shape, dtype, device, rounds))
+        floor = ln_cases.floor_bytes(shape, dtype) / bandwidth
+        peaks = peak_memory(impls, shape, dtype) if device == "cuda" else {}
+        for mode in MODES:
+            row = [med[(n, mode)] for n in names]
+            best = min(med[(n, mode)] for n in names if n.startswith("lct-"))
+            floor_cells = f"{fmt_ms(floor)} | {best / floor:.2f}" if mode == "fwd+bwd" else " | "
+            peak_cells = ""
+            if peaks:
+                peak_cells = " " + ", ".join(f"{n} {peaks[n]:.0f}" for n in names) + " |" if mode == "fwd+bwd" else " |"
+            lines.append(
+                f"| {mode} | " + " | ".join(fmt_ms(t) for t in row)
+                + f" | {med[('eager', mode)] / best:.2f}x | {med[('compile', mode)] / best:.2f}x | "
+                + floor_cells + " |" + peak_cells
+            )
+        lines.append("")
+    return lines
+
+
+def peak_memory(impls, shape, dtype):
+    """Peak CUDA memory (MB) above the inputs during one forward + backward, per implementation."""
+    out = {}
+    for name, fn in impls.items():
+        args, grad_out = ln_cases.inputs(shape, dtype, "cuda")
+        fn(*args).backward(grad_out)  # warm-up
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(*args).backward(grad_out)
+        torch.cuda.synchronize()
+        out[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out
 
 
 def kernel_bandwidth_lines(device, dtype, bandwidth, rounds):
@@ -196,6 +250,9 @@ def main(argv=None):
     out += lines
     out += ["", f"### {device.upper()}: consistency objective (Cauchy + 5 x diffusion), fwd+bwd", ""]
     out += objective_table(device, dtype, rounds)
+    out += ["", f"### {device.upper()}: NsLN / fused NsLN + adaLN modulate, forward / backward / both", ""]
+    out += ["Floor: read x, write y, read dy and x, write dx once each.", ""]
+    out += layer_norm_table(device, dtype, max(5, rounds // 4) if device == "cpu" else rounds, bandwidth)
     if device == "cuda":
         out += ["", "### CUDA: fused forward kernel alone (loss + gradient), bytes = 3 x tensor", ""]
         out += kernel_bandwidth_lines(device, dtype, bandwidth, rounds)

@@ -26,18 +26,24 @@ constexpr int64_t kBlock = 2048;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Non-temporal copy of a row computed in L1 to its destination (see row_ops.h).
+// The caller issues one store fence after its last row (a fence per short row
+// would dominate the qk-norm case of millions of 64-element rows).
 inline void stream_copy(float* dst, const float* src, int64_t n) {
   int64_t j = 0;
 #if defined(__AVX__)
   while (j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31) != 0) dst[j] = src[j], ++j;
   for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
-  _mm_sfence();
 #elif defined(__SSE2__)
   while (j < n && (reinterpret_cast<uintptr_t>(dst + j) & 15) != 0) dst[j] = src[j], ++j;
   for (; j + 4 <= n; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
-  _mm_sfence();
 #endif
   for (; j < n; ++j) dst[j] = src[j];
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace
@@ -75,6 +81,7 @@ void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, 
     for (int64_t j = 0; j < D; ++j) scratch[j] = ((xi[j] - mf) * rs * w[j] + b[j]) * (1.f + sc[j]) + sh[j];
     stream_copy(a.y + r * D, scratch, D);
   }
+  store_fence();
 }
 
 void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1, float* p2,
@@ -118,6 +125,7 @@ void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1,
     }
     stream_copy(a.dx + r * D, scratch, D);
   }
+  store_fence();
 }
 
 }  // namespace lct::cpu::LCT_ISA
