@@ -14,7 +14,7 @@ OBJECTIVE_IMPLS = cases.objective_impls(DEVICE)
 
 
 def _run(benchmark, fn, inputs, mode):
-    setup, run = cases.modes(fn, inputs, DEVICE)[mode]
+    setup, run = cases.modes(fn, inputs, DEVICE)[mode]  # scalar losses: no grad_out
 
     def timed():
         run()

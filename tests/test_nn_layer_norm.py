@@ -144,6 +144,14 @@ def test_patch_keeps_outputs_weights_and_training_state_and_unpatch_restores():
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_patch_leaves_our_own_modules_alone():
+    model = nn.Sequential(NonScalingLayerNorm(8), FusedLayerNorm(8))
+    assert patch_layernorms(model) == 0
+    assert type(model[0]) is NonScalingLayerNorm
+    assert patch_layernorms(model, non_scaling=True) == 1  # the FusedLayerNorm becomes NsLN
+    assert type(model[1]) is NonScalingLayerNorm
+
+
 def test_patch_non_scaling_converts_to_nsln():
     model = Block()
     with torch.no_grad():

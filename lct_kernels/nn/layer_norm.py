@@ -103,7 +103,7 @@ def patch_layernorms(model, non_scaling=False):
         if not isinstance(module, nn.LayerNorm):
             continue
         target = NonScalingLayerNorm if non_scaling else FusedLayerNorm
-        if type(module) is target:
+        if isinstance(module, target):  # already fused (NsLN counts as fused)
             continue
         if not hasattr(module, "_lct_original_class"):
             module._lct_original_class = type(module)
