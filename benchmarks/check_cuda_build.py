@@ -17,11 +17,13 @@ def main(folder):
     for name in ("_C", "_C_cuda"):  # schemas first, then the CUDA kernels
         (path,) = glob.glob(os.path.join(folder, name + ".*.so"))
         torch.ops.load_library(path)
-    for op in ("lct::robust_loss", "lct::consistency_objective"):
+    ops = ("lct::robust_loss", "lct::consistency_objective", "lct::layer_norm_fwd",
+           "lct::layer_norm_bwd", "lct::ot_assign")
+    for op in ops:
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
     print(f"CUDA build OK: torch {torch.__version__}, archs {info['cuda_archs']}, "
-          f"kernels registered for CPU and CUDA")
+          f"{len(ops)} ops have CPU and CUDA kernels")
 
 
 if __name__ == "__main__":

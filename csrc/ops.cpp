@@ -45,4 +45,10 @@ TORCH_LIBRARY(lct, m) {
       "layer_norm_bwd(Tensor dy, Tensor xy, Tensor mean, Tensor rstd, Tensor? weight, "
       "Tensor? bias, Tensor? scale, int group_rows, bool xy_is_y, bool need_dx, "
       "bool need_partials) -> (Tensor, Tensor, Tensor)");
+  // Batched exact linear assignment.  cost: (B, N, M) float32/float64, contiguous,
+  // N <= M; +inf marks a forbidden pair.  sizes: optional (B, 2) int64 (rows, columns)
+  // of each problem inside a padded batch.  Returns (assignment (B, N) int64, the
+  // column of each row, -1 for padding rows; u (B, N) and v (B, M) float64 dual
+  // potentials, the optimality certificate; status (B,) int32, lct::lap::Status).
+  m.def("ot_assign(Tensor cost, Tensor? sizes) -> (Tensor, Tensor, Tensor, Tensor)");
 }

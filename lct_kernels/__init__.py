@@ -4,6 +4,7 @@ Public API:
     cauchy_loss, pseudo_huber_loss, geman_mcclure_loss   fused robust losses
     consistency_objective                                 fused consistency + diffusion objective
     non_scaling_layer_norm, nsln_modulate                 NsLN and the fused NsLN + adaLN modulate
+    ot_assign, ot_couple, ot.OTPlanSampler                exact minibatch OT (assignment) and torchcfm drop-in
     nn                                                    thin modules over the ops
     backend_info()                                        what loaded, and why anything did not
 
@@ -15,6 +16,7 @@ from . import _ext  # noqa: F401  (loads the compiled libraries first)
 from ._backend import BackendUnavailable, backend_info, format_backend_info
 from .ops.consistency_objective import consistency_objective
 from .ops.layer_norm import non_scaling_layer_norm, nsln_modulate
+from .ops.ot import ot_assign, ot_couple
 from .ops.robust_loss import cauchy_loss, geman_mcclure_loss, pseudo_huber_loss
 from . import nn  # noqa: E402
 
@@ -27,6 +29,9 @@ __all__ = [
     "consistency_objective",
     "non_scaling_layer_norm",
     "nsln_modulate",
+    "ot_assign",
+    "ot_couple",
+    "ot",
     "nn",
     "backend_info",
     "format_backend_info",

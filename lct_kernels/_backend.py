@@ -34,6 +34,7 @@ OP_FAMILIES = {
     "robust_loss": ("lct::robust_loss",),
     "consistency_objective": ("lct::consistency_objective",),
     "layer_norm": ("lct::layer_norm_fwd", "lct::layer_norm_bwd"),
+    "ot_assign": ("lct::ot_assign",),
 }
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
