@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cases  # noqa: E402
+import bench_ot  # noqa: E402
 import cases_layer_norm as ln_cases  # noqa: E402
 
 import lct_kernels as L  # noqa: E402
@@ -253,6 +254,7 @@ def main(argv=None):
     out += ["", f"### {device.upper()}: NsLN / fused NsLN + adaLN modulate, forward / backward / both", ""]
     out += ["Floor: read x, write y, read dy and x, write dx once each.", ""]
     out += layer_norm_table(device, dtype, max(5, rounds // 4) if device == "cpu" else rounds, bandwidth)
+    out += [""] + bench_ot.report(device, quick=args.quick)
     if device == "cuda":
         out += ["", "### CUDA: fused forward kernel alone (loss + gradient), bytes = 3 x tensor", ""]
         out += kernel_bandwidth_lines(device, dtype, bandwidth, rounds)

@@ -146,11 +146,18 @@ int32_t solve(const T* C, int64_t ld, int64_t n, int64_t m, int64_t* x, double* 
         hrow[j] = double(ci[j]) - v[j];
         u1 = hrow[j] < u1 ? hrow[j] : u1;
       }
-      int64_t j1 = 0;
-      while (hrow[j1] != u1) ++j1;
-      double u2 = kInf;
-#pragma omp simd reduction(min : u2)
-      for (int64_t j = 0; j < m; ++j) u2 = (j != j1 && hrow[j] < u2) ? hrow[j] : u2;
+      // One more SIMD pass: the first column at u1, how many sit at u1, and the
+      // smallest value above u1 -- together the runner-up u2.
+      int64_t j1 = m, at_min = 0;
+      double above = kInf;
+#pragma omp simd reduction(min : j1, above) reduction(+ : at_min)
+      for (int64_t j = 0; j < m; ++j) {
+        const bool eq = hrow[j] == u1;
+        j1 = (eq && j < j1) ? j : j1;
+        at_min += eq ? 1 : 0;
+        above = (hrow[j] > u1 && hrow[j] < above) ? hrow[j] : above;
+      }
+      const double u2 = at_min >= 2 ? u1 : above;
       int64_t i0 = y[j1];
       const bool strict = u1 < u2;
       if (strict) {
