@@ -15,7 +15,7 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
 
-.PHONY: install demo test bench cuda-check cmake-check clean
+.PHONY: install peers demo test bench cuda-check cmake-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,15 @@ $(VENV)/.installed: $(BIN)/python $(SOURCES)
 
 install: $(VENV)/.installed
 
-demo: install
+# Benchmark peers: torchcfm without its training dependencies (we use only its
+# optimal_transport module).
+$(VENV)/.peers: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps "torchcfm==1.0.7"
+	touch $@
+
+peers: $(VENV)/.peers
+
+demo: install peers
 	mkdir -p runs
 	$(BIN)/python -m lct_kernels
 	$(BIN)/python benchmarks/report.py --write runs/BENCHMARKS.local.md --plots runs
@@ -36,7 +44,7 @@ demo: install
 test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
-bench: install
+bench: install peers
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,rounds
 
 $(CUDA_VENV)/bin/python:

@@ -77,18 +77,19 @@ def points(n, d, device="cpu", seed=0):
 
 
 def solver_table(ns, d, rounds, device="cpu"):
-    rows, names = [], None
+    rows, names = [], []
     for n in ns:
         x, z = points(n, d, device)
         C = (torch.cdist(x.double(), z.double()) ** 2).contiguous()
         med = timed(solver_fns(C, device), rounds, device)
-        names = names or list(med)
+        names += [k for k in med if k not in names]
         rows.append((n, med))
     lines = ["| N | " + " | ".join(f"{k} ms" for k in names) + " | lct vs lapjvh | lct vs SciPy |",
              "|" + "---|" * (len(names) + 3)]
     for n, med in rows:
         ratio = lambda k: f"{med[k] / med['lct']:.2f}x" if k in med else "n/a"  # noqa: E731
-        lines.append(f"| {n} | " + " | ".join(f"{med[k] * 1e3:.3f}" for k in names)
+        lines.append(f"| {n} | " + " | ".join(f"{med[k] * 1e3:.3f}" if k in med else "n/a"
+                                              for k in names)
                      + f" | {ratio('lapjvh')} | {ratio('scipy')} |")
     return lines
 

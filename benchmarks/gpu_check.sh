@@ -37,10 +37,10 @@ timeout 90 $PY -m pytest tests/test_registration.py tests/test_backend.py -q -p 
 status "registration/backend tests" $?
 tail -n 2 "$OUT/tests_registration.log" | tee -a "$OUT/summary.txt"
 
-# 3. Benchmarks (bf16): robust loss, objective, NsLN / NsLN + modulate, written as a
-#    BENCHMARKS.md section plus a plot.
+# 3. Benchmarks (bf16): robust loss, objective, NsLN / NsLN + modulate, exact OT
+#    assignment, written as a BENCHMARKS.md section plus a plot.
 timeout 240 $PY benchmarks/report.py --device cuda --rounds 30 --write "$OUT/BENCHMARKS.gpu.md" \
   --plots "$OUT" > "$OUT/bench.log" 2>&1
 status "benchmark report" $?
-grep -E "^\*\*|^\| (256x|64x|128x|8x|fwd)" "$OUT/bench.log" | head -60 | tee -a "$OUT/summary.txt"
+grep -E "^\*\*|^###|^\| (256x|64x|128x|8x|fwd|[0-9]+ \|)" "$OUT/bench.log" | head -90 | tee -a "$OUT/summary.txt"
 status done 0

@@ -259,3 +259,68 @@ def test_opcheck_layer_norm_cuda_ops():
     for op in (torch.ops.lct.layer_norm_fwd.default, torch.ops.lct.triton_layer_norm_fwd.default):
         torch.library.opcheck(op, (x, None, b, sh, sc, 1e-6, 4, False))
         torch.library.opcheck(op, (x, None, b, None, None, 1e-5, 12, True))
+
+
+# ---------------------------------------------------------------------------
+# Exact OT assignment on the GPU
+# ---------------------------------------------------------------------------
+def ot_backends():
+    if not torch.cuda.is_available():
+        return []
+    from lct_kernels import _backend
+
+    return [b for b in ("cuda", "triton") if _backend.status("ot_assign", b, "cuda")[0]]
+
+
+def _scipy_total(C):
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    Cn = C.double().cpu().numpy()
+    r, c = linear_sum_assignment(Cn)
+    return Cn[r, c].sum()
+
+
+@pytest.mark.parametrize("backend", ot_backends())
+@pytest.mark.parametrize("n,m", [(1, 1), (7, 7), (64, 64), (256, 256), (512, 512), (30, 41)])
+def test_ot_assign_gpu_matches_scipy(backend, n, m):
+    x, z = torch.randn(n, 64, dtype=torch.float64), torch.randn(m, 64, dtype=torch.float64)
+    C = (torch.cdist(x, z) ** 2).to(DEV)
+    cols, u, v = L.ot_assign(C, backend=backend, return_duals=True)
+    assert cols.device.type == "cuda" and len(set(cols.tolist())) == n
+    got = C.double()[torch.arange(n, device=DEV), cols].sum().item()
+    ref = _scipy_total(C)
+    assert abs(got - ref) <= 1e-12 * max(1.0, abs(ref))
+    reduced = C.double() - u[:, None] - v[None, :]
+    assert reduced.min().item() >= -1e-9 * C.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ot_backends())
+def test_ot_assign_gpu_batches_ties_and_bad_input(backend):
+    C = torch.randint(0, 3, (64, 48, 48), device=DEV).double()
+    cols = L.ot_assign(C, backend=backend)
+    for b in (0, 31, 63):
+        got = C[b][torch.arange(48, device=DEV), cols[b]].sum().item()
+        assert got == _scipy_total(C[b])
+    bad = torch.randn(2, 5, 5, device=DEV, dtype=torch.float64)
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        L.ot_assign(bad, backend=backend)
+    infeasible = torch.randn(4, 4, device=DEV, dtype=torch.float64)
+    infeasible[:, 0] = float("inf")
+    with pytest.raises(ValueError, match="infeasible"):
+        L.ot_assign(infeasible, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ot_backends())
+def test_ot_couple_gpu_stays_on_device_and_is_exact(backend):
+    x0 = torch.randn(256, 4, 32, 32, device=DEV)
+    x1 = torch.randn(256, 4, 32, 32, device=DEV)
+    perm = L.ot_couple(x0, x1, backend=backend)
+    assert perm.device.type == "cuda"
+    C = torch.cdist(x0.reshape(256, -1).double(), x1.reshape(256, -1).double()) ** 2
+    got = C[torch.arange(256, device=DEV), perm].sum().item()
+    assert abs(got - _scipy_total(C)) <= 1e-6 * _scipy_total(C)
+    groups = torch.randint(0, 10, (256,), device=DEV)
+    gperm = L.ot_couple(x0, x1, groups=groups, backend=backend)
+    assert torch.equal(groups[gperm], groups)
