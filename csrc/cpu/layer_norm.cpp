@@ -18,30 +18,16 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "buffer_pool.h"
+#include "isa/cpu_features.h"
 #include "isa/layer_norm_args.h"
 #include "lct/layer_norm.h"
 #include "row_ops.h"
 
 namespace lct::cpu {
 namespace {
-
-// float32 rows use the ISA-specific kernels (isa/): AVX2 + FMA when the CPU has
-// them, else baseline SSE2.  LCT_CPU_ISA=base forces the baseline (for tests).
-bool use_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const char* forced = std::getenv("LCT_CPU_ISA");
-  if (forced != nullptr && std::string(forced) == "base") return false;
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
 
 // Per-column parameter vectors with absent ones replaced by their neutral value.
 struct Params {

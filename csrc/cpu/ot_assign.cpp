@@ -7,25 +7,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <vector>
 
+#include "isa/cpu_features.h"
 #include "isa/lap_isa.h"
 
 namespace lct::cpu {
 namespace {
-
-bool lap_use_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const char* forced = std::getenv("LCT_CPU_ISA");
-  if (forced != nullptr && std::string(forced) == "base") return false;
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
 
 // Scratch for one problem (allocated here, in the baseline translation unit).
 struct Scratch {
@@ -65,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ot_assign_cpu(
   int32_t* st = status.mutable_data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "ot_assign_cpu", [&] {
     const scalar_t* c = cost.const_data_ptr<scalar_t>();
-    const auto solve = lap_use_avx2() ? &lap_avx2::solve<scalar_t> : &lap_base::solve<scalar_t>;
+    const auto solve = use_avx2() ? &lap_avx2::solve<scalar_t> : &lap_base::solve<scalar_t>;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t b = begin; b < end; ++b) {
