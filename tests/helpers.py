@@ -1,8 +1,5 @@
 """Shared test helpers: the backends to test here, and the tolerance rule."""
 
-import importlib.util
-import os
-
 import torch
 
 from lct_kernels import _backend
@@ -38,8 +35,3 @@ def heavy_tailed(shape, dtype=torch.float32, outlier=1e4, frac=0.01):
     x = torch.where(mask, outlier * torch.sign(torch.randn(shape, dtype=torch.float64)), x)
     return x.to(dtype)
 
-
-def triton_available():
-    return importlib.util.find_spec("triton") is not None and (
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    )
