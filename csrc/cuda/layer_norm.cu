@@ -167,6 +167,14 @@ struct LnBwdArgs {
   float* part;  // (G * chunks, 2, D) or nullptr
 };
 
+// dxhat = dy * gain(j); xhat = (x - mean) * rstd - bsub(j) (bsub: the bias, when rebuilding from y).
+__device__ __forceinline__ float ln_gain(const LnBwdArgs& a, int64_t g, int64_t j) {
+  return (a.scale != nullptr ? 1.f + a.scale[g * a.D + j] : 1.f) * param(a.weight, j, 1.f);
+}
+__device__ __forceinline__ float ln_bsub(const LnBwdArgs& a, int64_t j) {
+  return a.xy_is_y ? param(a.bias, j, 0.f) : 0.f;
+}
+
 template <typename T, int VEC, int ITEMS>
 __global__ void ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ xy,
                                    T* __restrict__ dx, LnBwdArgs a) {
@@ -176,10 +184,9 @@ __global__ void ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict
   const int64_t D = a.D, n_packs = D / VEC;
   const int64_t r_begin = g * a.group_rows + c * a.rows_per_chunk;
   const int64_t r_end = min(g * a.group_rows + a.group_rows, r_begin + a.rows_per_chunk);
-  const float* sc = a.scale == nullptr ? nullptr : a.scale + g * D;
-  // Column factors, re-read from L1 when used (registers are kept for the partials).
-  auto gain = [&](int64_t j) { return (sc ? 1.f + sc[j] : 1.f) * param(a.weight, j, 1.f); };
-  auto bsub = [&](int64_t j) { return a.xy_is_y ? param(a.bias, j, 0.f) : 0.f; };
+  // Column factors are re-read from L1 when used (registers are kept for the partials).
+  auto gain = [&](int64_t j) { return ln_gain(a, g, j); };
+  auto bsub = [&](int64_t j) { return ln_bsub(a, j); };
   float p1[ITEMS][VEC], p2[ITEMS][VEC];
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k)
@@ -274,9 +281,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const int64_t j = pk * VEC + i;
-        const float xh = (xv[i] - mu) * xs - (a.xy_is_y ? param(a.bias, j, 0.f) : 0.f);
-        const float sc = a.scale != nullptr ? a.scale[g * D + j] : 0.f;
-        const float gz = d[i] * (1.f + sc) * param(a.weight, j, 1.f);
+        const float xh = (xv[i] - mu) * xs - ln_bsub(a, j);
+        const float gz = d[i] * ln_gain(a, g, j);
         s1 += gz;
         s2 += gz * xh;
         if (part != nullptr) {  // this block owns its slot; each column has one owner thread
@@ -295,9 +301,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const int64_t j = pk * VEC + i;
-        const float xh = (xv[i] - mu) * xs - (a.xy_is_y ? param(a.bias, j, 0.f) : 0.f);
-        const float sc = a.scale != nullptr ? a.scale[g * D + j] : 0.f;
-        xv[i] = rs * (d[i] * (1.f + sc) * param(a.weight, j, 1.f) - c1 - xh * c2);
+        const float xh = (xv[i] - mu) * xs - ln_bsub(a, j);
+        xv[i] = rs * (d[i] * ln_gain(a, g, j) - c1 - xh * c2);
       }
       store_pack<T, VEC>(dx + r * D, pk, xv);
     }

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ MinIdx scratch[32];
   __shared__ int32_t status;
   const int64_t b = blockIdx.x;
-  const int64_t n = sizes[2 * b], m = sizes[2 * b + 1];
+  const int64_t n = sizes ? sizes[2 * b] : N, m = sizes ? sizes[2 * b + 1] : M;  // null: unpadded
   const T* C = cost + b * N * M;
   double* v = v_out + b * M;
   double* d = d_ws + b * M;
@@ -259,21 +259,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ot_assign_cuda(
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   TORCH_CHECK(N <= M, "lct: ot_assign needs N <= M (rows <= columns)");
   const auto opts = cost.options();
-  at::Tensor sz;
+  at::Tensor sz;  // undefined for an unpadded batch: the kernel then uses (N, M)
   if (sizes.has_value()) {
     TORCH_CHECK(sizes->dim() == 2 && sizes->size(0) == B && sizes->size(1) == 2 &&
                     sizes->scalar_type() == at::kLong,
                 "lct: sizes must be an int64 (B, 2) tensor of (rows, columns)");
     sz = sizes->to(cost.device()).contiguous();
-  } else {
-    sz = at::empty({B, 2}, opts.dtype(at::kLong));
-    if (B > 0) {
-      // fill on the host side of the copy: (N, M) for every problem
-      at::Tensor host = at::empty({B, 2}, at::TensorOptions().dtype(at::kLong));
-      int64_t* h = host.mutable_data_ptr<int64_t>();
-      for (int64_t b = 0; b < B; ++b) h[2 * b] = N, h[2 * b + 1] = M;
-      sz.copy_(host, /*non_blocking=*/false);
-    }
   }
   at::Tensor x = at::empty({B, N}, opts.dtype(at::kLong));
   at::Tensor u = at::empty({B, N}, opts.dtype(at::kDouble));
@@ -288,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ot_assign_cuda(
   TORCH_CHECK(B <= 0x7fffffff, "lct: too many problems for one launch");
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "ot_assign_cuda", [&] {
     lap_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        cost.const_data_ptr<scalar_t>(), sz.const_data_ptr<int64_t>(), N, M,
+        cost.const_data_ptr<scalar_t>(), sz.defined() ? sz.const_data_ptr<int64_t>() : nullptr, N, M,
         x.mutable_data_ptr<int64_t>(), u.mutable_data_ptr<double>(), v.mutable_data_ptr<double>(),
         status.mutable_data_ptr<int32_t>(), d.mutable_data_ptr<double>(),
         y.mutable_data_ptr<int64_t>(), pred.mutable_data_ptr<int64_t>(),

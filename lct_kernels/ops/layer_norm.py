@@ -104,15 +104,18 @@ def _make_backward(bwd_op):
 
 def parameter_grads(p1, p2, weight, bias, scale, need_w, need_b, need_shift, need_scale):
     """(d weight, d bias, d shift, d scale) from the per-group partials p1, p2 (G, D)."""
-    mod = scale is not None
-    d_w = ((1 + scale) * p2).sum(0) if mod else p2.sum(0)
-    d_b = ((1 + scale) * p1).sum(0) if mod else p1.sum(0)
-    d_shift = d_scale = None
+    gain = None if scale is None else 1 + scale
+
+    def over_groups(p):  # sum_g (1 + scale_g) p_g
+        return (p if gain is None else gain * p).sum(0)
+
+    d_w = over_groups(p2) if need_w else None
+    d_b = over_groups(p1) if need_b else None
+    d_shift = p1 if need_shift else None
+    d_scale = None
     if need_scale:
         d_scale = (p2 * weight if weight is not None else p2) + (p1 * bias if bias is not None else 0)
-    if need_shift:
-        d_shift = p1
-    return (d_w if need_w else None, d_b if need_b else None, d_shift, d_scale)
+    return d_w, d_b, d_shift, d_scale
 
 
 @torch.library.custom_op("lct::triton_layer_norm_fwd", mutates_args=())

@@ -116,6 +116,28 @@ def _ln_fwd_kernel(
 
 
 @triton.jit
+def _bwd_tile(dy_row, xy_row, w_ptr, b_ptr, scale_ptr, g, D, offs, m, mean, rstd,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+              XY_IS_Y: tl.constexpr):
+    """One BLOCK_D tile of a long row: (dy, xhat, gain) in float32, zero outside the row."""
+    dy = tl.load(dy_row + offs, mask=m, other=0.0).to(tl.float32)
+    xy = tl.load(xy_row + offs, mask=m, other=0.0).to(tl.float32)
+    if XY_IS_Y:
+        if HAS_B:
+            xy = xy - tl.load(b_ptr + offs, mask=m, other=0.0)
+        xhat = tl.where(m, xy, 0.0)
+    else:
+        xhat = tl.where(m, (xy - mean) * rstd, 0.0)
+    if HAS_W:
+        gain = tl.load(w_ptr + offs, mask=m, other=0.0)
+    else:
+        gain = tl.where(m, 1.0, 0.0)
+    if HAS_MOD:
+        gain = gain * (1.0 + tl.load(scale_ptr + g * D + offs, mask=m, other=0.0))
+    return dy, xhat, gain
+
+
+@triton.jit
 def _ln_bwd_kernel(
     dy_ptr,  # (M, D), column stride 1, row stride stride_dy
     xy_ptr,  # (M, D) x (or y if XY_IS_Y), column stride 1, row stride stride_xy
@@ -196,15 +218,8 @@ def _ln_bwd_kernel(
             for start in range(0, D, BLOCK_D):
                 offs = start + cols
                 m = offs < D
-                dy = tl.load(dy_row + offs, mask=m, other=0.0).to(tl.float32)
-                xy = tl.load(xy_row + offs, mask=m, other=0.0).to(tl.float32)
-                if XY_IS_Y:
-                    xhat = tl.where(m, xy - tl.load(b_ptr + offs, mask=m, other=0.0), 0.0) if HAS_B else xy
-                else:
-                    xhat = tl.where(m, (xy - mean) * rstd, 0.0)
-                gain = tl.load(w_ptr + offs, mask=m, other=0.0) if HAS_W else tl.full([BLOCK_D], 1.0, tl.float32)
-                if HAS_MOD:
-                    gain = gain * (1.0 + tl.load(scale_ptr + g * D + offs, mask=m, other=0.0))
+                dy, xhat, gain = _bwd_tile(dy_row, xy_row, w_ptr, b_ptr, scale_ptr, g, D, offs, m,
+                                           mean, rstd, HAS_W, HAS_B, HAS_MOD, XY_IS_Y)
                 gz = dy * gain
                 acc1 += gz
                 acc2 += gz * xhat
@@ -218,15 +233,8 @@ def _ln_bwd_kernel(
                 for start in range(0, D, BLOCK_D):
                     offs = start + cols
                     m = offs < D
-                    dy = tl.load(dy_row + offs, mask=m, other=0.0).to(tl.float32)
-                    xy = tl.load(xy_row + offs, mask=m, other=0.0).to(tl.float32)
-                    if XY_IS_Y:
-                        xhat = xy - tl.load(b_ptr + offs, mask=m, other=0.0) if HAS_B else xy
-                    else:
-                        xhat = (xy - mean) * rstd
-                    gain = tl.load(w_ptr + offs, mask=m, other=0.0) if HAS_W else tl.full([BLOCK_D], 1.0, tl.float32)
-                    if HAS_MOD:
-                        gain = gain * (1.0 + tl.load(scale_ptr + g * D + offs, mask=m, other=0.0))
+                    dy, xhat, gain = _bwd_tile(dy_row, xy_row, w_ptr, b_ptr, scale_ptr, g, D, offs,
+                                               m, mean, rstd, HAS_W, HAS_B, HAS_MOD, XY_IS_Y)
                     dx = rstd * (dy * gain - c1 - xhat * c2)
                     tl.store(dx_ptr + r * D + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 

@@ -39,18 +39,23 @@ def _pick(vec, cols, j):
 @triton.jit
 def _lap_kernel(
     cost_ptr,  # (B, N, M) contiguous, float32 or float64
-    sizes_ptr,  # (B, 2) int64: rows, columns of each problem
+    sizes_ptr,  # (B, 2) int64: rows, columns of each problem (if HAS_SIZES)
     x_ptr,  # (B, N) int64 out: column of each row
     u_ptr,  # (B, N) float64 out
     v_ptr,  # (B, M) float64 out
     status_ptr,  # (B,) int32 out
     N,
     M,
+    HAS_SIZES: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    n = tl.load(sizes_ptr + 2 * b)
-    m = tl.load(sizes_ptr + 2 * b + 1)
+    if HAS_SIZES:
+        n = tl.load(sizes_ptr + 2 * b)
+        m = tl.load(sizes_ptr + 2 * b + 1)
+    else:  # unpadded batch: no sizes tensor, so no host-to-device copy per call
+        n = tl.full((), N, tl.int64)
+        m = tl.full((), M, tl.int64)
     base = cost_ptr + b * N * M
     cols = tl.arange(0, BLOCK_M)
     cmask = cols < m
@@ -194,8 +199,6 @@ def ot_assign(cost, sizes):
     if M > MAX_M:
         raise ValueError(f"ot_assign: the triton backend handles at most {MAX_M} columns, got {M}")
     dev = cost.device
-    if sizes is None:
-        sizes = torch.tensor([[N, M]], dtype=torch.int64, device=dev).expand(B, 2).contiguous()
     x = torch.empty((B, N), dtype=torch.int64, device=dev)
     u = torch.empty((B, N), dtype=torch.float64, device=dev)
     v = torch.zeros((B, M), dtype=torch.float64, device=dev)
@@ -203,6 +206,8 @@ def ot_assign(cost, sizes):
     if B == 0:
         return x, u, v, status
     block = max(16, triton.next_power_of_2(max(M, 1)))
-    _lap_kernel[(B,)](cost, sizes.to(dev), x, u, v, status, N, M, BLOCK_M=block,
+    has_sizes = sizes is not None
+    _lap_kernel[(B,)](cost, sizes.to(dev) if has_sizes else status, x, u, v, status, N, M,
+                      HAS_SIZES=has_sizes, BLOCK_M=block,
                       num_warps=max(1, min(8, block // 256)))
     return x, u, v, status
