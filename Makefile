@@ -1,6 +1,8 @@
 # Entry points used by README.md and .ci/run.
-#   make demo        install (CPU) and run the main job: the benchmark report on this machine
+#   make demo        install (CPU) and run the main job: the sLCT trainer's demo preset on the
+#                    embedded digits -> runs/demo/ (samples, metrics, checkpoints)
 #   make test        install (CPU) and run the test suite (Triton under the interpreter)
+#   make report      the benchmark report on this machine -> runs/BENCHMARKS.local.md + plots
 #   make bench       pytest-benchmark suite
 #   make cuda-check  compile the CUDA extension out of tree and load it (no GPU needed)
 #   make cmake-check libtorch build of csrc/ plus its ctest
@@ -15,7 +17,7 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
 
-.PHONY: install peers demo test bench cuda-check cmake-check clean
+.PHONY: install peers demo report test bench cuda-check cmake-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q "$(TORCH)" ninja
 
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
-	$(BIN)/pip install -q --no-build-isolation -e '.[test,bench]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,bench,train]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,7 +38,10 @@ $(VENV)/.peers: $(VENV)/.installed
 
 peers: $(VENV)/.peers
 
-demo: install peers
+demo: install
+	$(BIN)/lct-train --preset demo --out runs/demo --overwrite
+
+report: install peers
 	mkdir -p runs
 	$(BIN)/python -m lct_kernels
 	$(BIN)/python benchmarks/report.py --write runs/BENCHMARKS.local.md --plots runs

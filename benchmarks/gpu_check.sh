@@ -3,7 +3,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # 1. builds the extension in place against that machine's torch (no downloads)
 # 2. runs the GPU tests (tests/test_gpu.py) and the registration tests
-# 3. runs the GPU benchmark report
+# 3. runs the GPU benchmark report and the training-step benchmark
 # and writes summary.txt plus every log under $OUT, in well under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +43,10 @@ timeout 240 $PY benchmarks/report.py --device cuda --rounds 30 --write "$OUT/BEN
   --plots "$OUT" > "$OUT/bench.log" 2>&1
 status "benchmark report" $?
 grep -E "^\*\*|^###|^\| (256x|64x|128x|8x|fwd|[0-9]+ \|)" "$OUT/bench.log" | head -90 | tee -a "$OUT/summary.txt"
+# 4. Training step: DiT-B/2 on 4x32x32 latents, batch 256, bf16: fused path vs the paper
+#    code's eager + torchcfm/POT path (skipped if torchcfm/POT are not installed there).
+timeout 150 $PY benchmarks/bench_train.py --config b2 --device cuda --rounds 20 \
+  --json "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
+status "training-step benchmark" $?
+grep -E "^###|^\|" "$OUT/bench_train.log" | tee -a "$OUT/summary.txt"
 status done 0

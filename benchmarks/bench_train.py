@@ -1,0 +1,158 @@
+"""Training-step time: lct_kernels' fused path vs the paper code's eager path.
+
+    python benchmarks/bench_train.py --config tiny            # the demo's tiny DiT on this CPU
+    python benchmarks/bench_train.py --config b2 --device cuda # DiT-B/2, 4x32x32, batch 256, bf16
+
+One step = OT pairing of data and noise, the teacher forward (no grad), the
+student forward + backward, and an RAdam step: everything the trainer pays per
+step except data loading.  The paths, timed side by side in rotating order:
+
+* ``lct``: DiT with fused NsLN + modulate, ``lct.consistency_objective`` (fused
+  loss + gradient) and ``lct.ot_couple`` (exact assignment on the device);
+* ``eager``: the same DiT math in plain PyTorch, the objective's PyTorch
+  reference, and torchcfm's ``OTPlanSampler(method="exact")`` (cdist on the
+  device, copy to the host, POT's network simplex, ``np.random.choice``), as the
+  paper code does;
+* ``eager+compile``: ``eager`` with ``torch.compile`` on the network (``--compile``).
+
+The OT share is the OT pairing's time over the step's, measured in the same steps.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lct_kernels.train import objective as obj  # noqa: E402
+from lct_kernels.train.model import build_dit  # noqa: E402
+
+CONFIGS = {
+    "tiny": dict(size="tiny", latent=(2, 4, 4), patch=1, batch=128, classes=10),
+    "b2": dict(size="B", latent=(4, 32, 32), patch=2, batch=256, classes=0),
+}
+
+
+def torchcfm_pairing():
+    """torchcfm's exact OT sampler, as the paper code uses it (None if not installed)."""
+    try:
+        from torchcfm.optimal_transport import OTPlanSampler
+    except Exception:
+        return None
+    sampler = OTPlanSampler(method="exact", normalize_cost=True)
+
+    def pair(x, noise, y):
+        x0, x1, y0, _ = sampler.sample_plan_with_labels(x, noise, y, None, replace=False)
+        return x0, x1, y0
+
+    return pair
+
+
+def make_step(path, spec, device, compile_net=False):
+    torch.manual_seed(0)
+    C, H, _ = spec["latent"]
+    fused = path == "lct"
+    net = build_dit(spec["size"], H, C, spec["patch"], spec["classes"], nsln=True,
+                    fused=fused).to(device)
+    # give the zero-initialised adaLN layers non-zero weights so every kernel does real work
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    run_net = torch.compile(net) if compile_net else net
+    opt = torch.optim.RAdam([p for p in net.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=1e-4)
+    pair = (lambda x, n, y: obj.ot_pair(x, n, y)) if fused else torchcfm_pairing()
+    if pair is None:
+        return None
+    B = spec["batch"]
+    sigmas = obj.karras_sigmas(81)
+    probs = obj.index_probabilities(sigmas)
+    autocast = device.type == "cuda"
+    data = torch.randn(B, C, H, H, device=device) * 0.5
+    labels = torch.randint(0, spec["classes"], (B,), device=device) if spec["classes"] else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        noise = torch.randn_like(data)
+        sync()
+        t0 = time.perf_counter()
+        x, n, y = pair(data, noise, labels)
+        sync()
+        t_ot = time.perf_counter() - t0
+        idx = obj.sample_indices(probs, B, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            total, *_ = obj.consistency_losses(
+                run_net, x, n, y, idx, sigmas, loss="cauchy", c=0.00277, diffusion=True,
+                backend=None if fused else "torch")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sync()
+        return time.perf_counter() - t0, t_ot
+
+    return step
+
+
+def run(config, device, rounds, warmup, compile_net):
+    spec = CONFIGS[config]
+    paths = ["lct", "eager"] + (["eager+compile"] if compile_net else [])
+    steps = {}
+    for p in paths:
+        fn = make_step("lct" if p == "lct" else "eager", spec, device, compile_net=p.endswith("compile"))
+        if fn is None:
+            print(f"skipping {p}: torchcfm/POT not installed", file=sys.stderr)
+            continue
+        for _ in range(warmup):
+            fn()
+        steps[p] = fn
+    times = {p: [] for p in steps}
+    ot = {p: [] for p in steps}
+    for r in range(rounds):
+        order = list(steps)[r % len(steps):] + list(steps)[: r % len(steps)]
+        for p in order:
+            t, t_ot = steps[p]()
+            times[p].append(t)
+            ot[p].append(t_ot)
+    result = {p: {"step_ms": statistics.median(times[p]) * 1e3,
+                  "ot_ms": statistics.median(ot[p]) * 1e3} for p in steps}
+    return spec, result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile on the eager net")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    spec, result = run(args.config, device, args.rounds, args.warmup, args.compile)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    C, H, _ = spec["latent"]
+    print(f"### Training step: DiT-{spec['size']}/{spec['patch']}, latents {C}x{H}x{H}, batch "
+          f"{spec['batch']}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {device.type} "
+          f"({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{datetime.date.today()}, median of {args.rounds} steps\n")
+    print("| path | step (ms) | OT (ms) | OT share | speed-up vs eager |")
+    print("|---|---|---|---|---|")
+    base = result.get("eager", {}).get("step_ms")
+    for p, r in result.items():
+        speed = f"{base / r['step_ms']:.2f}x" if base else "-"
+        print(f"| {p} | {r['step_ms']:.2f} | {r['ot_ms']:.2f} | {100 * r['ot_ms'] / r['step_ms']:.1f} % | {speed} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device),
+                                               "name": name, "result": result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""The training loop: batches, OT pairing, the objective, the optimiser, EMA, logging,
+samples, checkpoints.  It owns no math (that is ``objective``).
+
+Reproducibility: every random draw of step k (the batch's data indices, the noise,
+the sigma indices, dropout) comes from generators seeded by (seed, k), so a
+resumed run repeats an uninterrupted one exactly: only the step, model, EMA and
+optimiser state need to be restored.  (The global RNG states are saved too.)
+"""
+
+import copy
+import csv
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import objective as obj
+from .checkpoint import CheckpointError, list_checkpoints, resolve_resume, save_checkpoint
+from .config import from_dict, save_config
+from .pipeline import build_model, make_decoder, prepare_data
+from .plots import plot_metrics, save_image_grid
+from .sampling import default_sigma_mid, sample
+
+METRIC_FIELDS = ["step", "loss", "cm_loss", "diff_loss", "c", "N", "lr", "grad_norm",
+                 "steps_per_s", "ot_ms", "skipped"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def _seed_for(seed, step, stream):
+    # Distinct, well-spread 63-bit seeds for (seed, step, stream).
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63 - 1)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={name}: CUDA is not available on this machine")
+    return device
+
+
+class Trainer:
+    """One training run in ``out_dir`` (config, checkpoints/, samples/, metrics.csv,
+    loss.png, summary.json).  ``resume``: a checkpoint file or folder (or True for
+    ``out_dir/checkpoints``)."""
+
+    def __init__(self, cfg, out_dir, resume=None, data=None, overwrite=False):
+        self.out = Path(out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.sample_dir = self.out / "samples"
+        if not resume and list_checkpoints(self.ckpt_dir):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.out} already holds a run ({list_checkpoints(self.ckpt_dir)[-1][1].name}): "
+                    "pass --resume to continue it, --overwrite to start over, or another --out"
+                )
+            self._clear_outputs()
+        state = None
+        if resume:
+            target = self.ckpt_dir if resume is True else Path(resume)
+            _, state = resolve_resume(target)
+            cfg = self._merge_resumed_config(state["config"], cfg)
+        self.cfg = cfg
+        r = cfg.run
+        self.device = resolve_device(r.device)
+        self.autocast = (r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda"))
+        self.backend = r.backend or None
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.toml")
+
+        self.data = data if data is not None else prepare_data(cfg, progress=r.progress)
+        if self.data.latents.shape[0] < cfg.optim.batch_size:
+            raise ValueError(
+                f"optim.batch_size: {cfg.optim.batch_size} exceeds the {self.data.latents.shape[0]} "
+                "training latents"
+            )
+        torch.manual_seed(r.seed)
+        self.model = build_model(cfg, self.data.latent_shape, self.data.num_classes).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        o = cfg.optim
+        self.optimizer = torch.optim.RAdam(
+            [p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
+            weight_decay=o.weight_decay, eps=o.eps,
+        )
+        self.latents = self.data.latents.to(self.device)
+        self.labels = None if self.data.labels is None else self.data.labels.to(self.device)
+        self.dim = self.latents[0].numel()
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_nonfinite = 0
+        self._stop_signal = None
+        self._grids = {}
+        if state is not None:
+            self._load_state(state)
+
+    def _clear_outputs(self):
+        import shutil
+
+        for folder in (self.ckpt_dir, self.sample_dir, self.out / "tensorboard"):
+            shutil.rmtree(folder, ignore_errors=True)
+        for name in ("metrics.csv", "loss.png", "summary.json"):
+            (self.out / name).unlink(missing_ok=True)
+
+    # ---- config and state -------------------------------------------------------------
+    @staticmethod
+    def _merge_resumed_config(saved, given):
+        """A resumed run keeps its saved config; only run.* fields may change (e.g. steps)."""
+        resumed = from_dict(saved)
+        if given is not None:
+            for section in ("data", "model", "objective", "optim"):
+                if getattr(given, section) != getattr(resumed, section):
+                    print(f"lct-train: --resume keeps the checkpoint's [{section}] settings "
+                          "(the given ones differ and are ignored)", file=sys.stderr)
+            resumed.run = given.run
+        return resumed
+
+    def _state(self):
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "curriculum": {"intervals": self.intervals(self.step), "c": self.robust_c(self.step)},
+            "counters": {"skipped_total": self.skipped_total,
+                         "consecutive_nonfinite": self.consecutive_nonfinite},
+            "latent_stats": self.data.stats.state_dict(),
+            "latent_shape": list(self.data.latent_shape),
+            "num_classes": self.data.num_classes,
+            "decoder": self.data.decoder,
+        }
+
+    def _load_state(self, state):
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = int(state["step"])
+        self.skipped_total = int(state["counters"]["skipped_total"])
+        self.consecutive_nonfinite = int(state["counters"]["consecutive_nonfinite"])
+
+    def save(self):
+        return save_checkpoint(self._state(), self.ckpt_dir, self.step, keep=self.cfg.run.keep_ckpts)
+
+    # ---- schedules (pure functions of the step) ------------------------------------------
+    def intervals(self, step):
+        o = self.cfg.objective
+        return obj.curriculum_intervals(step, self.cfg.run.steps, o.s0, o.s1)
+
+    def robust_c(self, step):
+        """c in the kernels' per-element-mean units (the convention mapping applied)."""
+        o = self.cfg.objective
+        base = o.c if o.c > 0 else None
+        c = obj.cauchy_c(self.intervals(step), o.s0, base_c=base, dim=self.dim,
+                         adaptive=o.adaptive_c)
+        divisor, _ = obj.convention_scale(o.loss, o.c_convention, self.dim)
+        return c / divisor
+
+    def lr(self, step):
+        o = self.cfg.optim
+        if o.warmup_steps and step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        return o.lr
+
+    # ---- one step ---------------------------------------------------------------------
+    def batch_indices(self, step, batch_size=None):
+        """Data indices of step ``step``: epoch-wise permutations seeded by (seed, epoch)."""
+        n = self.latents.shape[0]
+        B = batch_size or self.cfg.optim.batch_size
+        per_epoch = n // B
+        epoch, j = divmod(step, per_epoch)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(_seed_for(self.cfg.run.seed, epoch, 1))
+            self._perm = torch.randperm(n, generator=g)
+            self._perm_epoch = epoch
+        return self._perm[j * B:(j + 1) * B]
+
+    def step_inputs(self, step):
+        """(data, noise, labels, indices, sigmas) for step ``step``, OT-paired if enabled."""
+        cfg = self.cfg
+        idx = self.batch_indices(step).to(self.device)
+        x = self.latents[idx]
+        y = None if self.labels is None else self.labels[idx]
+        g_dev = torch.Generator(device=self.device).manual_seed(_seed_for(cfg.run.seed, step, 2))
+        noise = torch.randn(x.shape, generator=g_dev, device=self.device, dtype=x.dtype)
+        ot_ms = 0.0
+        if cfg.objective.ot:
+            t0 = time.perf_counter()
+            x, noise, y = obj.ot_pair(x, noise, y, backend=self.backend)
+            ot_ms = (time.perf_counter() - t0) * 1e3
+        o = cfg.objective
+        n_points = self.intervals(step) + 1
+        sigmas = obj.karras_sigmas(n_points, o.sigma_min, o.sigma_max, o.rho)
+        probs = obj.index_probabilities(sigmas, o.p_mean, o.p_std)
+        g_cpu = torch.Generator().manual_seed(_seed_for(cfg.run.seed, step, 3))
+        indices = obj.sample_indices(probs, x.shape[0], generator=g_cpu, device=self.device)
+        return x, noise, y, indices, sigmas, ot_ms
+
+    def train_step(self):
+        """One optimisation step; returns a dict of the step's metrics."""
+        cfg, o = self.cfg, self.cfg.objective
+        step = self.step
+        x, noise, y, indices, sigmas, ot_ms = self.step_inputs(step)
+        c = self.robust_c(step)
+        _, weight_mult = obj.convention_scale(o.loss, o.c_convention, self.dim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(step)
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            total, cm, diff, _ = obj.consistency_losses(
+                self.model, x, noise, y, indices, sigmas, loss=o.loss, c=c,
+                diffusion=o.diffusion_loss, diff_coef=o.diff_coef, diff_fraction=o.diff_fraction,
+                weight_multiplier=weight_mult, sigma_min=o.sigma_min, sigma_data=o.sigma_data,
+                dropout_seed=(_seed_for(cfg.run.seed, step, 4) if cfg.model.dropout > 0 else None),
+                backend=self.backend,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(total.detach())
+        grad_norm = float("nan")
+        ok = math.isfinite(loss)
+        if ok:
+            total.backward()
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            ok = math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+            self.update_ema(step)
+            self.consecutive_nonfinite = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_total += 1
+            self.consecutive_nonfinite += 1
+        self.step += 1
+        if self.consecutive_nonfinite >= cfg.run.max_nonfinite:
+            raise TrainingDiverged(
+                f"stopping: {self.consecutive_nonfinite} consecutive non-finite losses/gradients "
+                f"(run.max_nonfinite={cfg.run.max_nonfinite}) at step {self.step}; the last good "
+                f"checkpoint in {self.ckpt_dir} is intact.  Try a lower optim.lr or "
+                "optim.grad_clip > 0."
+            )
+        return {"loss": loss if ok else float("nan"), "cm_loss": float(cm.mean()) if ok else float("nan"),
+                "diff_loss": float(diff) if ok else float("nan"), "c": c,
+                "N": self.intervals(step) + 1, "lr": self.lr(step), "grad_norm": grad_norm,
+                "ot_ms": ot_ms, "skipped": 0 if ok else 1}
+
+    @torch.no_grad()
+    def update_ema(self, step):
+        o = self.cfg.optim
+        decay = min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay
+        ema_params = list(self.ema.parameters())
+        params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for eb, b in zip(self.ema.buffers(), self.model.buffers()):
+            eb.copy_(b)
+
+    # ---- outputs ------------------------------------------------------------------------
+    def write_samples(self, tag=None):
+        """1- and 2-step sample grids of the EMA model into samples/."""
+        cfg = self.cfg
+        n = cfg.run.n_samples
+        labels = None
+        if self.data.num_classes:
+            labels = torch.arange(n, device=self.device) % self.data.num_classes
+        decode = self._grids.get("decode")
+        if "decode" not in self._grids:
+            decode = self._grids["decode"] = make_decoder(self.data.decoder, self.data.stats,
+                                                          self.device)
+        o = cfg.objective
+        sigma_mid = cfg.run.sigma_mid or default_sigma_mid(o.sigma_min, o.sigma_max, o.rho)
+        paths = {}
+        for steps in (1, 2):
+            g = torch.Generator(device=self.device).manual_seed(cfg.run.seed + 12345)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                x = sample(self.ema, (n,) + self.data.latent_shape, steps, labels, sigma_mid,
+                           generator=g, device=self.device, sigma_min=o.sigma_min,
+                           sigma_max=o.sigma_max, sigma_data=o.sigma_data, rho=o.rho)
+            images = decode(x) if decode is not None else x
+            name = f"step{tag if tag is not None else self.step:08d}_{steps}step.png"
+            paths[steps] = save_image_grid(images, self.sample_dir / name, nrow=10 if labels is not None else None)
+        return paths
+
+    def _open_metrics(self):
+        path = self.out / "metrics.csv"
+        rows = []
+        if path.exists() and self.step > 0:  # resumed: keep the rows up to the checkpoint
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= self.step]
+        fh = open(path, "w", newline="")
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.flush()
+        return fh, writer
+
+    def _tensorboard(self):
+        if not self.cfg.run.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _handle_signal(self, signum, _frame):
+        self._stop_signal = signum
+
+    def train(self, stop_after=None):
+        """Runs until run.steps (or ``stop_after`` more steps, or SIGTERM/SIGINT, which
+        save a checkpoint and return).  Returns the summary dict (also summary.json)."""
+        cfg, r = self.cfg, self.cfg.run
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        fh, writer = self._open_metrics()
+        tb = self._tensorboard()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=r.steps, initial=self.step, disable=not r.progress, desc="lct-train",
+                   unit="step", dynamic_ncols=True)
+        start_step, t_start = self.step, time.perf_counter()
+        window, t_window = [], time.perf_counter()
+        status = "completed"
+        end = r.steps if stop_after is None else min(r.steps, self.step + stop_after)
+        try:
+            while self.step < end:
+                metrics = self.train_step()
+                window.append(metrics)
+                bar.update(1)
+                if self.step % r.log_every == 0 or self.step == end:
+                    row = self._summarise(window, time.perf_counter() - t_window)
+                    writer.writerow(row)
+                    fh.flush()
+                    if tb is not None:
+                        for key in ("loss", "cm_loss", "diff_loss", "c", "N", "grad_norm"):
+                            tb.add_scalar(f"train/{key}", row[key], self.step)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", c=f"{row['c']:.3g}", N=row["N"])
+                    window, t_window = [], time.perf_counter()
+                if self.step % r.ckpt_every == 0:
+                    self.save()
+                    plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
+                if r.sample_every and self.step % r.sample_every == 0:
+                    self.write_samples()
+                if self._stop_signal is not None:
+                    status = f"interrupted by {signal.Signals(self._stop_signal).name}"
+                    break
+            if self.step < r.steps and status == "completed":
+                status = "stopped early (stop_after)"
+        finally:
+            bar.close()
+            fh.close()
+            if tb is not None:
+                tb.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        ckpt = self.save()
+        plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
+        if status == "completed":
+            self.write_samples()
+        elapsed = time.perf_counter() - t_start
+        summary = {
+            "status": status, "step": self.step, "steps_total": r.steps,
+            "steps_this_run": self.step - start_step, "seconds": round(elapsed, 2),
+            "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 3),
+            "skipped_nonfinite": self.skipped_total, "checkpoint": str(ckpt),
+            "device": str(self.device), "precision": "bf16" if self.autocast else "fp32",
+            "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "final": self._last_row(),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _summarise(self, window, seconds):
+        good = [m for m in window if not m["skipped"]]
+
+        def mean(key):
+            values = [m[key] for m in good]
+            return sum(values) / len(values) if values else float("nan")
+
+        last = window[-1]
+        row = {"step": self.step, "loss": mean("loss"), "cm_loss": mean("cm_loss"),
+               "diff_loss": mean("diff_loss"), "c": last["c"], "N": last["N"], "lr": last["lr"],
+               "grad_norm": mean("grad_norm"), "steps_per_s": len(window) / max(seconds, 1e-9),
+               "ot_ms": sum(m["ot_ms"] for m in window) / len(window),
+               "skipped": sum(m["skipped"] for m in window)}
+        self._last = row
+        return row
+
+    def _last_row(self):
+        return getattr(self, "_last", None)
+
+
+def load_for_sampling(ckpt_path, device="cpu", use_ema=True):
+    """(model, state, decoder, cfg) from a checkpoint, ready for ``sampling.sample``."""
+    from .checkpoint import load_checkpoint
+    from .data import LatentStats
+
+    state = load_checkpoint(ckpt_path)
+    cfg = from_dict(state["config"])
+    model = build_model(cfg, tuple(state["latent_shape"]), state["num_classes"])
+    try:
+        model.load_state_dict(state["ema" if use_ema else "model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt_path}: weights do not match the saved config: {exc}") from None
+    model = model.to(device).eval()
+    stats = LatentStats.from_state_dict(state["latent_stats"])
+    decoder = make_decoder(state["decoder"], stats, device)
+    return model, state, decoder, cfg

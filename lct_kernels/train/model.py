@@ -1,0 +1,319 @@
+"""DiT (adaLN-zero) for consistency training, with sLCT's non-scaling LayerNorm.
+
+Three norm variants share one module tree and one state_dict layout:
+
+* ``nsln=True, fused=True`` (sLCT, default): qk-norm is ``NonScalingLayerNorm``
+  (weight frozen at 1, learnable bias); the block and final norms are
+  ``lct_kernels.nsln_modulate`` (NsLN + adaLN modulate in one kernel), each with
+  its own zero-initialised NsLN bias.
+* ``nsln=True, fused=False``: the same math in plain PyTorch (benchmark baseline).
+  Same parameter names and shapes, so a checkpoint loads into either.
+* ``nsln=False`` (iCT): plain LayerNorm, i.e. standard DiT (learnable qk-norm
+  scale and bias; block norms without affine parameters).
+
+Shapes: x (B, C, H, W) with H == W == input_size; t (B,) float (the caller's time
+input, e.g. 250 * ln(sigma), may be negative); y (B,) int64 or None.
+"""
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.layer_norm import NonScalingLayerNorm
+from ..ops import layer_norm as _ln
+
+DIT_SIZES = {
+    "tiny": dict(depth=4, hidden_size=128, num_heads=4),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+_EPS = 1e-6  # DiT's LayerNorm eps
+
+
+def num_parameters(model):
+    """Number of trainable parameters (frozen NsLN unit weights excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def timestep_features(t, dim=256, max_period=10000.0):
+    """Sinusoidal features of t: (B,) float -> (B, dim) float32 ([cos | sin]).
+
+    Always fp32: |t| reaches ~1.5e3 here and bf16 phases would be meaningless.
+    Negative t is fine (the features are just odd/even in t)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=t.device) / half)
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos positional embedding: (grid * grid, dim) float32.
+
+    Half of the channels encode the row, half the column; each half is [sin | cos]
+    over dim / 4 geometric frequencies (MAE / DiT convention). dim % 4 == 0."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+
+    def encode(p):  # (grid * grid,) -> (grid * grid, dim / 2)
+        a = p.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+
+    # Column first then row, as the reference implementation orders them.
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def _qk_norm(head_dim, nsln, fused, backend):
+    if nsln and fused:
+        norm = NonScalingLayerNorm(head_dim, eps=_EPS)
+        norm.backend = backend
+        return norm
+    norm = nn.LayerNorm(head_dim, eps=_EPS)
+    if nsln:  # eager NsLN: the same frozen unit weight, so state_dicts match the fused model
+        norm.weight.requires_grad_(False)
+    return norm
+
+
+class ModulatedNorm(nn.Module):
+    """adaLN's ``norm(x) * (1 + scale[:, None]) + shift[:, None]`` in the chosen variant.
+
+    forward(x (B, T, D), shift (B, D), scale (B, D)) -> (B, T, D) in x's dtype
+    (plain-PyTorch variants: whatever type promotion / autocast gives).
+    ``bias`` (D,) exists only for NsLN (zero-initialised, learnable)."""
+
+    def __init__(self, dim, nsln=True, fused=True, backend=None):
+        super().__init__()
+        self.dim = dim
+        self.fused = bool(nsln and fused)
+        self.bias = nn.Parameter(torch.zeros(dim)) if nsln else None
+        self.backend = backend
+
+    def forward(self, x, shift, scale):
+        if self.fused:
+            # The kernel wants one dtype for x, shift, scale and bias outside autocast
+            # (and accepts a mix under it); casting to x's dtype is right in both
+            # cases and keeps autograd to the fp32 parameters through .to().
+            bias = self.bias.to(x.dtype)
+            return _ln.nsln_modulate(x, shift.to(x.dtype), scale.to(x.dtype), bias, _EPS,
+                                     backend=self.backend)
+        h = F.layer_norm(x, (self.dim,), None, self.bias, _EPS)
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+    def extra_repr(self):
+        return f"{self.dim}, nsln={self.bias is not None}, fused={self.fused}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with per-head qk-norm: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim, num_heads, nsln, fused, dropout, backend):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = _qk_norm(self.head_dim, nsln, fused, backend)
+        self.k_norm = _qk_norm(self.head_dim, nsln, fused, backend)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # SDPA wants one dtype; the eager LayerNorm may have promoted q, k to fp32 under
+        # autocast while v stayed in the Linear's dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        drop = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, with dropout: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero transformer block: forward(x (B, T, D), c (B, D)) -> (B, T, D)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, nsln, fused, dropout, backend):
+        super().__init__()
+        self.norm1 = ModulatedNorm(dim, nsln, fused, backend)
+        self.attn = Attention(dim, num_heads, nsln, fused, dropout, backend)
+        self.norm2 = ModulatedNorm(dim, nsln, fused, backend)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, 1)
+        x = x + gate_a[:, None] * self.attn(self.norm1(x, shift_a, scale_a))
+        return x + gate_m[:, None] * self.mlp(self.norm2(x, shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + norm + Linear: (B, T, D), c (B, D) -> (B, T, p * p * C)."""
+
+    def __init__(self, dim, patch_size, out_channels, nsln, fused, backend):
+        super().__init__()
+        self.norm_final = ModulatedNorm(dim, nsln, fused, backend)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, 1)
+        return self.linear(self.norm_final(x, shift, scale))
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"DiT: {name} must be an int >= {low}, got {value!r}")
+
+
+def _check_real(name, value, ok, want):
+    # NaN fails every comparison, so it is rejected too.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+        raise ValueError(f"DiT: {name} must be a number {want}, got {value!r}")
+
+
+class DiT(nn.Module):
+    """Diffusion transformer with adaLN-zero; see the module docstring for the norm variants.
+
+    forward(x (B, C, H, W) float, t (B,) float, y (B,) int64 or None) -> (B, C, H, W) in
+    x's dtype. y must be given iff num_classes > 0. A freshly built model outputs zeros."""
+
+    def __init__(self, input_size, in_channels, patch_size=2, hidden_size=384, depth=12,
+                 num_heads=6, mlp_ratio=4.0, num_classes=0, nsln=True, fused=True, dropout=0.0,
+                 backend=None):
+        super().__init__()
+        _check_int("input_size", input_size, 1)
+        _check_int("in_channels", in_channels, 1)
+        _check_int("patch_size", patch_size, 1)
+        if patch_size not in (1, 2, 4) or input_size % patch_size:
+            raise ValueError(f"DiT: patch_size must be 1, 2 or 4 and divide input_size "
+                             f"({input_size}), got {patch_size!r}")
+        _check_int("depth", depth, 1)
+        _check_int("num_heads", num_heads, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        # The 2-D sin-cos embedding splits the channels into 2 axes x (sin, cos).
+        if hidden_size % 4:
+            raise ValueError(f"DiT: hidden_size must be divisible by 4, got {hidden_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"DiT: hidden_size ({hidden_size}) must be divisible by num_heads "
+                             f"({num_heads})")
+        _check_real("mlp_ratio", mlp_ratio, lambda v: v > 0, "> 0")
+        _check_int("num_classes", num_classes, 0)
+        _check_real("dropout", dropout, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+
+        self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
+        self.hidden_size, self.num_heads, self.num_classes = hidden_size, num_heads, num_classes
+        self.nsln, self.fused = bool(nsln), bool(fused) and bool(nsln)
+        self.grid = input_size // patch_size
+
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        # Not persistent: it is a pure function of the config, so checkpoints stay small
+        # and load regardless of how it was computed.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None],
+                             persistent=False)
+        self.t_embedder = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(),
+                                        nn.Linear(hidden_size, hidden_size))
+        self.y_embedder = nn.Embedding(num_classes, hidden_size) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, nsln, fused, dropout, backend)
+            for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, nsln, fused, backend)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():  # DiT's base init
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Patch embedding initialised like a Linear on the flattened kernel.
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        # adaLN-zero: every residual branch and the output start at zero, so each
+        # block is the identity and the model outputs 0 at initialisation.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _check_inputs(self, x, t, y):
+        size = self.input_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (
+                self.in_channels, size, size):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DiT: x must be (B, {self.in_channels}, {size}, {size}), got {shape}")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"DiT: t must be a ({B},) tensor, got {shape}")
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("DiT: y must be None for an unconditional model (num_classes=0)")
+        elif y is None:
+            raise ValueError(f"DiT: y (class labels, (B,) int64) is required: num_classes="
+                             f"{self.num_classes}")
+        elif not isinstance(y, torch.Tensor) or tuple(y.shape) != (B,):
+            raise ValueError(f"DiT: y must be a ({B},) int64 tensor")
+
+    def unpatchify(self, h):
+        """(B, T, p * p * C) -> (B, C, H, W); token t is grid cell (t // grid, t % grid)."""
+        B, p, g, C = h.shape[0], self.patch_size, self.grid, self.in_channels
+        h = h.reshape(B, g, g, p, p, C)
+        return h.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+    def forward(self, x, t, y=None):
+        self._check_inputs(x, t, y)
+        # (B, D, g, g) -> (B, T, D); the fp32 pos_embed keeps the residual stream fp32 under
+        # autocast (type promotion), as in the reference DiT.
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        # Features are computed in fp32; cast to the MLP's dtype so a model converted with
+        # .to(torch.bfloat16) runs without autocast (under autocast the weight stays fp32).
+        c = self.t_embedder(timestep_features(t).to(self.t_embedder[0].weight.dtype))
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c)).to(x.dtype)
+
+
+def build_dit(size, input_size, in_channels, patch_size=2, num_classes=0, nsln=True, fused=True,
+              dropout=0.0, backend=None, depth=None, hidden_size=None, num_heads=None):
+    """DiT of a named size (``DIT_SIZES``; case-insensitive, e.g. "s" or "XL"); ``depth``,
+    ``hidden_size`` and ``num_heads`` override the size's values when given."""
+    by_lower = {k.lower(): k for k in DIT_SIZES}
+    key = by_lower.get(size.lower()) if isinstance(size, str) else None
+    if key is None:
+        raise ValueError(f"build_dit: size must be one of {list(DIT_SIZES)}, got {size!r}")
+    dims = dict(DIT_SIZES[key])
+    for name, value in (("depth", depth), ("hidden_size", hidden_size), ("num_heads", num_heads)):
+        if value:
+            dims[name] = value
+    return DiT(input_size, in_channels, patch_size=patch_size, num_classes=num_classes, nsln=nsln,
+               fused=fused, dropout=dropout, backend=backend, **dims)

@@ -1,0 +1,195 @@
+"""The iCT objective and sLCT's additions, as small pure functions.
+
+Every function here is one formula from iCT (Song & Dhariwal, 2023) or sLCT
+(Dao et al., 2025), in the form the authors' code uses; the loop composes them
+and owns no math.  Conventions (as the paper code):
+
+* the Karras grid is indexed in DESCENDING sigma: index 0 is sigma_max,
+  index N-1 is sigma_min;
+* a training sample draws an interval index i in {0, ..., N-2}; the student sees
+  sigma_i, the teacher the smaller sigma_{i+1}, both with the same noise;
+* s = N - 1 is the number of discretisation intervals.
+"""
+
+import math
+
+import torch
+
+import lct_kernels as lk
+
+# Constants of the paper code (see the trainer's config for where each is set).
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
+SIGMA_DATA = 0.5
+P_MEAN = -1.1
+P_STD = 2.0
+
+
+def karras_sigmas(n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, dtype=torch.float64):
+    """The N-point Karras grid, descending: (N,) with [0] = sigma_max, [N-1] = sigma_min.
+
+    sigma_i = (sigma_max^(1/rho) + i/(N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    if n < 2:
+        raise ValueError(f"karras_sigmas: n must be >= 2, got {n}")
+    ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).to(dtype)
+
+
+def index_probabilities(sigmas, p_mean=P_MEAN, p_std=P_STD):
+    """iCT's lognormal categorical over the N-1 intervals: (N-1,) float64 summing to 1.
+
+    p(i) ∝ erf((ln sigma_i - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_{i+1} - P_mean) / (sqrt(2) P_std))."""
+    z = (torch.log(sigmas.double()) - p_mean) / (math.sqrt(2.0) * p_std)
+    mass = torch.erf(z[:-1]) - torch.erf(z[1:])
+    return mass / mass.sum()
+
+
+def sample_indices(probabilities, batch_size, generator=None, device=None):
+    """Draws (batch_size,) int64 interval indices i ~ probabilities (with replacement)."""
+    idx = torch.multinomial(probabilities.float(), batch_size, replacement=True, generator=generator)
+    return idx if device is None else idx.to(device)
+
+
+def curriculum_intervals(step, total_steps, s0=10, s1=640):
+    """iCT's doubling curriculum: s(k) = min(s0 * 2^floor(k / K'), s1), the number of intervals
+    at step k (so N(k) = s(k) + 1 grid points), with K' = floor(K / (log2 floor(s1/s0) + 1)).
+
+    With the paper code's s0 = 10, s1 = 640 there are 7 equal stages (10, 20, ..., 640)."""
+    if total_steps < 1:
+        raise ValueError(f"curriculum_intervals: total_steps must be >= 1, got {total_steps}")
+    stages = int(math.log2(s1 // s0)) + 1
+    per_stage = max(total_steps // stages, 1)
+    return min(s0 * 2 ** (step // per_stage), s1)
+
+
+def consistency_weight(sigmas, indices):
+    """iCT weighting lambda_i = 1 / (sigma_i - sigma_{i+1}), (B,) in sigmas' dtype."""
+    return 1.0 / (sigmas[indices] - sigmas[indices + 1])
+
+
+def cauchy_c(intervals, s0=10, base_c=None, dim=None, adaptive=True):
+    """sLCT's Cauchy scale c for the current number of intervals s (per-element-mean convention).
+
+    Stage 1 (s <= s0): the iCT constant c = 0.00054 * sqrt(D) (``base_c`` overrides it).
+    From stage 2 on, with ``adaptive``: c(s) = exp(-1.15 ln s - 0.85), fitted by the authors to the
+    per-stage statistics of the consistency residuals.  Without ``adaptive`` c stays at stage 1's."""
+    if base_c is None:
+        if dim is None:
+            raise ValueError("cauchy_c: give the per-sample dimension `dim` or an explicit `base_c`")
+        base_c = 0.00054 * math.sqrt(dim)
+    if adaptive and intervals > s0:
+        return math.exp(-1.15 * math.log(intervals) - 0.85)
+    return base_c
+
+
+def convention_scale(loss, convention, dim):
+    """Maps a c and a loss weight to the fused kernels' per-element-mean form.
+
+    The kernels apply rho to m = mean((f - f^-)^2) (the paper code's convention,
+    ``"mean"``).  iCT applies it to the sum ||f - f^-||^2 = D m (``"sum"``); because
+    rho_c(D m) = rho_{c/sqrt(D)}(m) for Cauchy and Geman-McClure, and
+    sqrt(D m + c^2) - c = sqrt(D) (sqrt(m + c'^2) - c') with c' = c / sqrt(D) for
+    Pseudo-Huber, the sum convention runs on the same kernel with c / sqrt(D) and,
+    for Pseudo-Huber, a weight multiplied by sqrt(D).
+
+    Returns (c_divisor, weight_multiplier)."""
+    if convention == "mean":
+        return 1.0, 1.0
+    if convention == "sum":
+        root = math.sqrt(dim)
+        return root, (root if loss == "pseudo_huber" else 1.0)
+    raise ValueError(f"convention_scale: convention must be 'mean' or 'sum', got {convention!r}")
+
+
+def diffusion_mask(indices, n_points, fraction=0.75):
+    """sLCT's diffusion-loss selection: (B,) bool, True where i >= floor(fraction * N).
+
+    Index space, as the paper code: the smallest-sigma quarter of the grid."""
+    return indices >= int(math.floor(fraction * n_points))
+
+
+def edm_weight(sigma, sigma_data=SIGMA_DATA):
+    """EDM loss weight 1/sigma^2 + 1/sigma_data^2 (elementwise)."""
+    return 1.0 / sigma**2 + 1.0 / sigma_data**2
+
+
+def cm_coefficients(sigma, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
+    """Consistency-model parameterisation with the sigma_min offset, so that f(x, sigma_min) = x:
+
+        c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)
+        c_out  = (sigma - sigma_min) sigma_d / sqrt(sigma^2 + sigma_d^2)
+        c_in   = 1 / sqrt(sigma^2 + sigma_d^2)
+
+    Returns (c_skip, c_out, c_in), each shaped like sigma."""
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
+    c_in = 1.0 / torch.sqrt(sigma**2 + sigma_data**2)
+    return c_skip, c_out, c_in
+
+
+def time_input(sigma):
+    """The network's time input 250 ln(sigma) (the CM codebase's 1000 * 0.25 ln sigma)."""
+    return 250.0 * torch.log(sigma + 1e-44)
+
+
+def denoise(net, x, sigma, labels=None, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
+    """f_theta(x, sigma) = c_skip x + c_out F_theta(c_in x, 250 ln sigma, y).
+
+    x: (B, ...) float; sigma: (B,) float (any float dtype; cast to x's); labels: (B,) or None."""
+    sigma = sigma.to(torch.float32)
+    c_skip, c_out, c_in = cm_coefficients(sigma, sigma_min, sigma_data)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    out = net((c_in.view(shape) * x).to(x.dtype), time_input(sigma), labels)
+    return c_skip.view(shape) * x + c_out.view(shape) * out.to(x.dtype)
+
+
+def ot_pair(data, noise, labels=None, backend=None):
+    """Exact minibatch OT coupling (squared Euclidean, uniform weights), through ``lk.ot_couple``.
+
+    Returns (data, noise[perm], labels): the noise is re-ordered so that
+    (data[i], noise[i]) are optimal pairs; labels follow the data."""
+    perm = lk.ot_couple(data, noise, backend=backend)
+    return data, noise[perm], labels
+
+
+def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, diffusion,
+                       diff_coef=5.0, diff_fraction=0.75, weight_multiplier=1.0,
+                       sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA, dropout_seed=None,
+                       backend=None):
+    """One iCT/sLCT loss evaluation (the caller does OT pairing and index sampling).
+
+    data, noise: (B, C, H, W); labels: (B,) or None; indices: (B,) int64 in [0, N-2];
+    sigmas: (N,) the current Karras grid.  The teacher is the stop-gradient student at
+    sigma_{i+1} with the same noise (iCT).  With dropout, teacher and student share
+    the dropout RNG (``dropout_seed``).
+
+    Returns (total, cm_loss_per_sample, diff_loss, diff_mask) from ``lk.consistency_objective``."""
+    sig = sigmas.to(data.device)
+    t, t2 = sig[indices], sig[indices + 1]
+    shape = (-1,) + (1,) * (data.dim() - 1)
+    x_t = data + t.view(shape).to(data.dtype) * noise
+    x_t2 = data + t2.view(shape).to(data.dtype) * noise
+
+    def run(x, s):
+        if dropout_seed is None:
+            return denoise(net, x, s, labels, sigma_min, sigma_data)
+        with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+            torch.manual_seed(dropout_seed)
+            return denoise(net, x, s, labels, sigma_min, sigma_data)
+
+    with torch.no_grad():
+        teacher = run(x_t2, t2)
+    student = run(x_t, t)
+    weight = consistency_weight(sig, indices).float() * weight_multiplier
+    if diffusion:
+        mask = diffusion_mask(indices, sig.numel(), diff_fraction)
+        diff_weight = edm_weight(t, sigma_data).float()
+    else:
+        mask, diff_weight = None, None
+    total, cm, diff = lk.consistency_objective(
+        student, teacher, data, weight, diff_weight, mask, c, loss=loss, diff_coef=diff_coef,
+        backend=backend,
+    )
+    return total, cm, diff, mask
