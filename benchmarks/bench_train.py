@@ -35,7 +35,7 @@ from lct_kernels.train import objective as obj  # noqa: E402
 from lct_kernels.train.model import build_dit  # noqa: E402
 
 CONFIGS = {
-    "tiny": dict(size="tiny", latent=(2, 4, 4), patch=1, batch=128, classes=10),
+    "tiny": dict(size="tiny", latent=(2, 4, 4), patch=2, batch=128, classes=10),
     "b2": dict(size="B", latent=(4, 32, 32), patch=2, batch=256, classes=0),
 }
 
