@@ -146,7 +146,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, cache_dir):
     cfg = build_config("demo", overrides=tiny_overrides(
         cache_dir, **{"run.steps": 50, "run.ckpt_every": 2, "run.max_nonfinite": 3}))
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer.model = _NaNAfter(trainer.model, start=4)
+    trainer.model = trainer.ddp = _NaNAfter(trainer.model, start=4)
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite"):
         trainer.train()
     assert trainer.skipped_total == 3 and trainer.step == 7

@@ -76,6 +76,8 @@ def train_main(argv=None):
     if args.stop_after is not None and args.stop_after < 1:
         parser.error(f"--stop-after: must be >= 1, got {args.stop_after}")
     out = Path(args.out or f"runs/{args.preset}")
+    from . import distributed as ddp_lib
+
     try:
         resume = args.resume_from or args.resume or None
         trainer = Trainer(cfg, out, resume=resume, overwrite=args.overwrite)
@@ -83,7 +85,11 @@ def train_main(argv=None):
     except (CheckpointError, TrainingDiverged, ConfigError, FileNotFoundError, FileExistsError,
             ImportError, ValueError) as exc:
         print(f"lct-train: error: {exc}", file=sys.stderr)
+        ddp_lib.shutdown()
         return 1
+    ddp_lib.shutdown()
+    if not trainer.is_main:
+        return 0
     print(f"lct-train: {summary['status']} at step {summary['step']}/{summary['steps_total']} "
           f"({summary['steps_per_s']} steps/s); outputs in {out}/ "
           "(config.toml, checkpoints/, samples/, metrics.csv, loss.png, summary.json)")

@@ -68,6 +68,12 @@ class ObjectiveConfig:
 
 
 @dataclass
+class OTConfig:
+    scope: str = "rank"             # "rank": couple each process's share (the paper code);
+                                    # "global": all-gather the global batch, one exact coupling
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -102,6 +108,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ot: OTConfig = field(default_factory=OTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -109,7 +116,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "model", "objective", "optim", "run")
+SECTIONS = ("data", "model", "objective", "ot", "optim", "run")
 MODEL_SIZES = ("tiny", "S", "B", "L", "XL")
 LOSSES = ("cauchy", "pseudo_huber", "geman_mcclure")
 
@@ -320,6 +327,8 @@ def validate(cfg):
     _require(o.s0 >= 1, "objective.s0", "must be >= 1")
     _require(o.s1 >= o.s0, "objective.s1", f"must be >= objective.s0 ({o.s0})")
 
+    _require(cfg.ot.scope in ("rank", "global"), "ot.scope",
+             f"must be 'rank' (per-process coupling) or 'global', got {cfg.ot.scope!r}")
     _require(p.lr > 0, "optim.lr", "must be > 0")
     _require(p.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(p.eps > 0, "optim.eps", "must be > 0")

@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as ddp_lib
 from . import objective as obj
 from .checkpoint import CheckpointError, list_checkpoints, resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_path as checkpoint_name
 from .config import from_dict, save_config
 from .pipeline import build_model, make_decoder, prepare_data
 from .plots import plot_metrics, save_image_grid
@@ -38,9 +41,11 @@ def _seed_for(seed, step, stream):
     return (seed * 0x9E3779B1 + step * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63 - 1)
 
 
-def resolve_device(name):
+def resolve_device(name, local_rank=0):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{local_rank}"  # torchrun: one GPU per process
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name}: CUDA is not available on this machine")
@@ -50,19 +55,30 @@ def resolve_device(name):
 class Trainer:
     """One training run in ``out_dir`` (config, checkpoints/, samples/, metrics.csv,
     loss.png, summary.json).  ``resume``: a checkpoint file or folder (or True for
-    ``out_dir/checkpoints``)."""
+    ``out_dir/checkpoints``).
+
+    Under torchrun (WORLD_SIZE > 1) it trains data-parallel: ``optim.batch_size``
+    is the global batch, each process takes an equal share, process 0 alone
+    writes logs, samples and checkpoints."""
 
     def __init__(self, cfg, out_dir, resume=None, data=None, overwrite=False):
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.sample_dir = self.out / "samples"
+        want = cfg.run.device if cfg is not None else "auto"
+        local_rank = ddp_lib.init_from_env("cuda" if want.startswith("cuda") or (
+            want == "auto" and torch.cuda.is_available()) else "cpu")
+        self.rank, self.world = ddp_lib.world()
+        self.is_main = self.rank == 0
         if not resume and list_checkpoints(self.ckpt_dir):
             if not overwrite:
                 raise FileExistsError(
                     f"{self.out} already holds a run ({list_checkpoints(self.ckpt_dir)[-1][1].name}): "
                     "pass --resume to continue it, --overwrite to start over, or another --out"
                 )
-            self._clear_outputs()
+            if self.is_main:
+                self._clear_outputs()
+            ddp_lib.barrier()
         state = None
         if resume:
             target = self.ckpt_dir if resume is True else Path(resume)
@@ -70,13 +86,21 @@ class Trainer:
             cfg = self._merge_resumed_config(state["config"], cfg)
         self.cfg = cfg
         r = cfg.run
-        self.device = resolve_device(r.device)
+        self.device = resolve_device(r.device, local_rank)
         self.autocast = (r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda"))
         self.backend = r.backend or None
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.toml")
+        if cfg.optim.batch_size % self.world:
+            raise ValueError(f"optim.batch_size: the global batch {cfg.optim.batch_size} must be "
+                             f"divisible by the number of processes ({self.world})")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.toml")
 
-        self.data = data if data is not None else prepare_data(cfg, progress=r.progress)
+        if data is None and not self.is_main:
+            ddp_lib.barrier()  # process 0 builds the stage-1 cache first
+        self.data = data if data is not None else prepare_data(cfg, progress=r.progress and self.is_main)
+        if data is None and self.is_main:
+            ddp_lib.barrier()
         if self.data.latents.shape[0] < cfg.optim.batch_size:
             raise ValueError(
                 f"optim.batch_size: {cfg.optim.batch_size} exceeds the {self.data.latents.shape[0]} "
@@ -85,6 +109,12 @@ class Trainer:
         torch.manual_seed(r.seed)
         self.model = build_model(cfg, self.data.latent_shape, self.data.num_classes).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.ddp = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         o = cfg.optim
         self.optimizer = torch.optim.RAdam(
             [p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
@@ -97,6 +127,7 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_nonfinite = 0
         self._stop_signal = None
+        self._stop_all = False
         self._grids = {}
         if state is not None:
             self._load_state(state)
@@ -115,7 +146,7 @@ class Trainer:
         """A resumed run keeps its saved config; only run.* fields may change (e.g. steps)."""
         resumed = from_dict(saved)
         if given is not None:
-            for section in ("data", "model", "objective", "optim"):
+            for section in ("data", "model", "objective", "ot", "optim"):
                 if getattr(given, section) != getattr(resumed, section):
                     print(f"lct-train: --resume keeps the checkpoint's [{section}] settings "
                           "(the given ones differ and are ignored)", file=sys.stderr)
@@ -137,6 +168,7 @@ class Trainer:
             "latent_shape": list(self.data.latent_shape),
             "num_classes": self.data.num_classes,
             "decoder": self.data.decoder,
+            "world_size": self.world,
         }
 
     def _load_state(self, state):
@@ -147,10 +179,20 @@ class Trainer:
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = int(state["step"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world and self.is_main:
+            print(f"lct-train: resuming a run saved by {saved_world} process(es) on {self.world}: "
+                  "the global batch and every random draw are unchanged"
+                  + (" (with ot.scope=rank the OT coupling groups differ)"
+                     if self.cfg.objective.ot and self.cfg.ot.scope == "rank" else ""),
+                  file=sys.stderr)
         self.skipped_total = int(state["counters"]["skipped_total"])
         self.consecutive_nonfinite = int(state["counters"]["consecutive_nonfinite"])
 
     def save(self):
+        """Process 0 writes the checkpoint (all processes hold identical weights)."""
+        if not self.is_main:
+            return checkpoint_name(self.ckpt_dir, self.step)
         return save_checkpoint(self._state(), self.ckpt_dir, self.step, keep=self.cfg.run.keep_ckpts)
 
     # ---- schedules (pure functions of the step) ------------------------------------------
@@ -187,46 +229,64 @@ class Trainer:
         return self._perm[j * B:(j + 1) * B]
 
     def step_inputs(self, step):
-        """(data, noise, labels, indices, sigmas) for step ``step``, OT-paired if enabled."""
-        cfg = self.cfg
+        """(data, noise, labels, indices, sigmas, ot_ms, global_indices) of this process for
+        step ``step``, OT-paired if enabled.
+
+        The global batch's draws (data indices, noise, sigma indices) are the same for
+        any number of processes; each process takes its contiguous share."""
+        cfg, o = self.cfg, self.cfg.objective
+        share = lambda t: ddp_lib.share(t, self.rank, self.world)  # noqa: E731
         idx = self.batch_indices(step).to(self.device)
+        B = idx.shape[0]
+        g_dev = torch.Generator(device=self.device).manual_seed(_seed_for(cfg.run.seed, step, 2))
+        noise = share(torch.randn((B,) + self.data.latent_shape, generator=g_dev,
+                                  device=self.device, dtype=self.latents.dtype))
+        idx = share(idx)
         x = self.latents[idx]
         y = None if self.labels is None else self.labels[idx]
-        g_dev = torch.Generator(device=self.device).manual_seed(_seed_for(cfg.run.seed, step, 2))
-        noise = torch.randn(x.shape, generator=g_dev, device=self.device, dtype=x.dtype)
         ot_ms = 0.0
-        if cfg.objective.ot:
+        if o.ot:
             t0 = time.perf_counter()
-            x, noise, y = obj.ot_pair(x, noise, y, backend=self.backend)
+            if cfg.ot.scope == "global":
+                noise = ddp_lib.global_ot_pair(x, noise, backend=self.backend)
+            else:
+                x, noise, y = obj.ot_pair(x, noise, y, backend=self.backend)
             ot_ms = (time.perf_counter() - t0) * 1e3
-        o = cfg.objective
         n_points = self.intervals(step) + 1
         sigmas = obj.karras_sigmas(n_points, o.sigma_min, o.sigma_max, o.rho)
         probs = obj.index_probabilities(sigmas, o.p_mean, o.p_std)
         g_cpu = torch.Generator().manual_seed(_seed_for(cfg.run.seed, step, 3))
-        indices = obj.sample_indices(probs, x.shape[0], generator=g_cpu, device=self.device)
-        return x, noise, y, indices, sigmas, ot_ms
+        global_indices = obj.sample_indices(probs, B, generator=g_cpu, device=self.device)
+        return x, noise, y, share(global_indices), sigmas, ot_ms, global_indices
 
     def train_step(self):
         """One optimisation step; returns a dict of the step's metrics."""
         cfg, o = self.cfg, self.cfg.objective
         step = self.step
-        x, noise, y, indices, sigmas, ot_ms = self.step_inputs(step)
+        x, noise, y, indices, sigmas, ot_ms, global_indices = self.step_inputs(step)
         c = self.robust_c(step)
+        diff_coef = o.diff_coef
+        if o.diffusion_loss and self.world > 1:  # average over the global batch's selected samples
+            n_points = sigmas.numel()
+            diff_coef = ddp_lib.diffusion_coefficient(
+                o.diff_coef, obj.diffusion_mask(indices, n_points, o.diff_fraction),
+                obj.diffusion_mask(global_indices, n_points, o.diff_fraction), self.world)
         _, weight_mult = obj.convention_scale(o.loss, o.c_convention, self.dim)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(step)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             total, cm, diff, _ = obj.consistency_losses(
-                self.model, x, noise, y, indices, sigmas, loss=o.loss, c=c,
-                diffusion=o.diffusion_loss, diff_coef=o.diff_coef, diff_fraction=o.diff_fraction,
+                self.ddp, x, noise, y, indices, sigmas, loss=o.loss, c=c, teacher_net=self.model,
+                diffusion=o.diffusion_loss, diff_coef=diff_coef, diff_fraction=o.diff_fraction,
                 weight_multiplier=weight_mult, sigma_min=o.sigma_min, sigma_data=o.sigma_data,
                 dropout_seed=(_seed_for(cfg.run.seed, step, 4) if cfg.model.dropout > 0 else None),
                 backend=self.backend,
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(total.detach())
+        # one all-reduce: the global loss (every process takes the same skip decision)
+        # and whether any process was asked to stop
+        loss, self._stop_all = ddp_lib.reduce_step(float(total.detach()), self._stop_signal is not None)
         grad_norm = float("nan")
         ok = math.isfinite(loss)
         if ok:
@@ -251,7 +311,8 @@ class Trainer:
                 f"checkpoint in {self.ckpt_dir} is intact.  Try a lower optim.lr or "
                 "optim.grad_clip > 0."
             )
-        return {"loss": loss if ok else float("nan"), "cm_loss": float(cm.mean()) if ok else float("nan"),
+        return {"loss": loss if ok else float("nan"),
+                "cm_loss": float(cm.mean()) if ok else float("nan"),  # this process's share
                 "diff_loss": float(diff) if ok else float("nan"), "c": c,
                 "N": self.intervals(step) + 1, "lr": self.lr(step), "grad_norm": grad_norm,
                 "ot_ms": ot_ms, "skipped": 0 if ok else 1}
@@ -323,12 +384,13 @@ class Trainer:
         save a checkpoint and return).  Returns the summary dict (also summary.json)."""
         cfg, r = self.cfg, self.cfg.run
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        fh, writer = self._open_metrics()
-        tb = self._tensorboard()
+        main = self.is_main
+        fh, writer = self._open_metrics() if main else (None, None)
+        tb = self._tensorboard() if main else None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=r.steps, initial=self.step, disable=not r.progress, desc="lct-train",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=r.steps, initial=self.step, disable=not (r.progress and main),
+                   desc="lct-train", unit="step", dynamic_ncols=True)
         start_step, t_start = self.step, time.perf_counter()
         window, t_window = [], time.perf_counter()
         status = "completed"
@@ -340,8 +402,9 @@ class Trainer:
                 bar.update(1)
                 if self.step % r.log_every == 0 or self.step == end:
                     row = self._summarise(window, time.perf_counter() - t_window)
-                    writer.writerow(row)
-                    fh.flush()
+                    if main:
+                        writer.writerow(row)
+                        fh.flush()
                     if tb is not None:
                         for key in ("loss", "cm_loss", "diff_loss", "c", "N", "grad_norm"):
                             tb.add_scalar(f"train/{key}", row[key], self.step)
@@ -349,24 +412,29 @@ class Trainer:
                     window, t_window = [], time.perf_counter()
                 if self.step % r.ckpt_every == 0:
                     self.save()
-                    plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
-                if r.sample_every and self.step % r.sample_every == 0:
+                    if main:
+                        plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
+                if r.sample_every and self.step % r.sample_every == 0 and main:
                     self.write_samples()
-                if self._stop_signal is not None:
-                    status = f"interrupted by {signal.Signals(self._stop_signal).name}"
+                if self._stop_all:
+                    name = (signal.Signals(self._stop_signal).name if self._stop_signal
+                            else "a signal to another process")
+                    status = f"interrupted by {name}"
                     break
             if self.step < r.steps and status == "completed":
                 status = "stopped early (stop_after)"
         finally:
             bar.close()
-            fh.close()
+            if fh is not None:
+                fh.close()
             if tb is not None:
                 tb.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         ckpt = self.save()
-        plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
-        if status == "completed":
+        if main:
+            plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
+        if status == "completed" and main:
             self.write_samples()
         elapsed = time.perf_counter() - t_start
         summary = {
@@ -375,10 +443,13 @@ class Trainer:
             "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 3),
             "skipped_nonfinite": self.skipped_total, "checkpoint": str(ckpt),
             "device": str(self.device), "precision": "bf16" if self.autocast else "fp32",
+            "processes": self.world,
             "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "final": self._last_row(),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        ddp_lib.barrier()
         return summary
 
     def _summarise(self, window, seconds):

@@ -84,11 +84,24 @@ def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     return mu, 0.5 * (sigma + sigma.T)
 
 
+def _clean_psd_eigenvalues(evals: Tensor) -> Tensor:
+    """Eigenvalues of a symmetric PSD matrix with rounding noise set to exactly 0.
+
+    eigh finds each eigenvalue only to about D * eps * max|eigenvalue|, so smaller
+    ones (including slightly negative ones, whose true value is >= 0) are zeroed.
+    Why: singular covariances are common here (dead ReLU features, D > N), and the
+    square root magnifies noise of size eps into sqrt(eps) ~ 1e-8: FD(x, x) on a
+    rank-deficient covariance would come out ~1e-6 instead of 0.
+    """
+    tol = evals.abs().max().clamp_min(0.0) * evals.shape[0] * torch.finfo(evals.dtype).eps
+    return torch.where(evals > tol, evals, torch.zeros_like(evals))
+
+
 def _psd_sqrt(s: Tensor) -> Tensor:
-    """Symmetric square root of a symmetric PSD matrix via eigh; eigenvalues that
-    rounding made slightly negative are clamped to 0 (their true value is >= 0)."""
+    """Symmetric square root of a symmetric PSD matrix via eigh (noise-level
+    eigenvalues zeroed by :func:`_clean_psd_eigenvalues`)."""
     evals, evecs = torch.linalg.eigh(0.5 * (s + s.T))
-    return (evecs * evals.clamp_min(0.0).sqrt()) @ evecs.T
+    return (evecs * _clean_psd_eigenvalues(evals).sqrt()) @ evecs.T
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
@@ -103,8 +116,10 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     PSD matrix S1^{1/2} S2 S1^{1/2} (same eigenvalues as S1 S2), found with ``eigh``:
     unlike a general matrix square root of the non-symmetric S1 S2 it stays real
     and needs no "discard the imaginary part" step, even for singular covariances
-    (D > N features). Tiny negative eigenvalues from rounding are clamped to 0, and
-    so is a result that rounding pushed just below 0 (FD is a squared distance).
+    (D > N features). Eigenvalues below the eigensolver's resolution
+    (D * eps * the largest), negative ones included, count as exactly 0, so a
+    rank-deficient FD(x, x) is 0 to rounding rather than ~sqrt(eps); a result that
+    rounding pushed just below 0 is returned as 0 (FD is a squared distance).
     """
     m1 = _as_float64(mu1, "mu1")
     m2 = _as_float64(mu2, "mu2")
@@ -123,7 +138,7 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     root1 = _psd_sqrt(s1)
     inner = root1 @ s2 @ root1
     evals = torch.linalg.eigvalsh(0.5 * (inner + inner.T))
-    trace_sqrt = evals.clamp_min(0.0).sqrt().sum()
+    trace_sqrt = _clean_psd_eigenvalues(evals).sqrt().sum()
     fd = (m1 - m2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2.0 * trace_sqrt
     return max(float(fd), 0.0)
 

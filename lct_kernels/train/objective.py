@@ -157,13 +157,14 @@ def ot_pair(data, noise, labels=None, backend=None):
 def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, diffusion,
                        diff_coef=5.0, diff_fraction=0.75, weight_multiplier=1.0,
                        sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA, dropout_seed=None,
-                       backend=None):
+                       backend=None, teacher_net=None):
     """One iCT/sLCT loss evaluation (the caller does OT pairing and index sampling).
 
     data, noise: (B, C, H, W); labels: (B,) or None; indices: (B,) int64 in [0, N-2];
     sigmas: (N,) the current Karras grid.  The teacher is the stop-gradient student at
     sigma_{i+1} with the same noise (iCT).  With dropout, teacher and student share
-    the dropout RNG (``dropout_seed``).
+    the dropout RNG (``dropout_seed``).  ``teacher_net`` (default ``net``) evaluates the
+    teacher: the unwrapped module when ``net`` is a DistributedDataParallel wrapper.
 
     Returns (total, cm_loss_per_sample, diff_loss, diff_mask) from ``lk.consistency_objective``."""
     sig = sigmas.to(data.device)
@@ -172,16 +173,16 @@ def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, di
     x_t = data + t.view(shape).to(data.dtype) * noise
     x_t2 = data + t2.view(shape).to(data.dtype) * noise
 
-    def run(x, s):
+    def run(model, x, s):
         if dropout_seed is None:
-            return denoise(net, x, s, labels, sigma_min, sigma_data)
+            return denoise(model, x, s, labels, sigma_min, sigma_data)
         with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
             torch.manual_seed(dropout_seed)
-            return denoise(net, x, s, labels, sigma_min, sigma_data)
+            return denoise(model, x, s, labels, sigma_min, sigma_data)
 
     with torch.no_grad():
-        teacher = run(x_t2, t2)
-    student = run(x_t, t)
+        teacher = run(teacher_net if teacher_net is not None else net, x_t2, t2)
+    student = run(net, x_t, t)
     weight = consistency_weight(sig, indices).float() * weight_multiplier
     if diffusion:
         mask = diffusion_mask(indices, sig.numel(), diff_fraction)

@@ -1,0 +1,111 @@
+"""Multi-process training helpers (torchrun + torch.distributed; gloo on CPU, nccl on GPU).
+
+The trainer keeps one *global* batch per step: every process derives the same
+global data indices, noise and sigma indices from the (seed, step) generators
+and takes its contiguous share, so a run's random draws do not depend on the
+number of processes.  With ``ot.scope=global`` and the diffusion loss averaged
+over the global batch (``diffusion_coefficient``), K processes compute the same
+loss and gradient as one process on the whole global batch.
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+import lct_kernels as lk
+
+
+def world():
+    """(rank, world_size): (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(device_type):
+    """Joins the process group torchrun describes (WORLD_SIZE > 1); returns the local rank.
+
+    gloo for CPU runs, nccl for CUDA runs.  A no-op for a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return local_rank
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def share(tensor, rank, size):
+    """This process's contiguous share of a global batch (dim 0 divisible by ``size``)."""
+    n = tensor.shape[0] // size
+    return tensor[rank * n:(rank + 1) * n]
+
+
+def all_gather_batch(local):
+    """Concatenates every process's ``local`` (same shape) along dim 0, in rank order."""
+    rank, size = world()
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
+
+
+def global_ot_pair(data_local, noise_local, backend=None):
+    """``ot.scope=global``: one exact OT coupling of the whole global batch.
+
+    All-gathers data and noise, rank 0 solves ``lk.ot_couple`` on its device, the
+    permutation is broadcast, and each process keeps the noise paired with its own
+    data.  Cost: two all-gathers of B x D values, one B x B assignment on one
+    device, one broadcast of B int64.  Returns this process's paired noise."""
+    rank, size = world()
+    if size == 1:
+        return noise_local[lk.ot_couple(data_local, noise_local, backend=backend)]
+    data = all_gather_batch(data_local)
+    noise = all_gather_batch(noise_local)
+    if rank == 0:
+        perm = lk.ot_couple(data, noise, backend=backend)
+    else:
+        perm = torch.empty(data.shape[0], dtype=torch.int64, device=data.device)
+    dist.broadcast(perm, src=0)
+    return share(noise[perm], rank, size)
+
+
+def reduce_step(loss, stop):
+    """(global mean loss, any process asked to stop) in one all-reduce."""
+    rank, size = world()
+    if size == 1:
+        return loss, stop
+    t = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t[0]) / size, bool(t[1] > 0)
+
+
+def diffusion_coefficient(diff_coef, local_mask, global_mask, size):
+    """Per-process diffusion coefficient so that the data-parallel average equals the
+    diffusion loss averaged over the selected samples of the GLOBAL batch.
+
+    Each process's objective averages over its own selected samples (count n_r);
+    data parallelism averages the processes' gradients (factor 1/K).  Scaling
+    process r's coefficient by K n_r / n_global gives
+    (1/K) sum_r coef K n_r / n_global * (sum_r' e / n_r) = coef * sum_all e / n_global."""
+    n_local = int(local_mask.sum())
+    n_global = int(global_mask.sum())
+    if n_global == 0:
+        return diff_coef
+    return diff_coef * size * n_local / n_global
