@@ -98,6 +98,8 @@ class RunConfig:
     keep_ckpts: int = 3
     max_nonfinite: int = 20         # consecutive non-finite losses before the run stops
     n_samples: int = 64             # images in each sample grid
+    eval_every: int = 0             # digits: evaluate (FD, precision/recall) every K steps; 0: off
+    eval_n: int = 500               # samples per step count for that evaluation
     sigma_mid: float = 0.0          # 2-step sampler; 0 -> the paper code's default
     progress: bool = True
     tensorboard: bool = True        # log to TensorBoard too, if it is installed
@@ -347,6 +349,10 @@ def validate(cfg):
     for key in ("log_every", "ckpt_every", "keep_ckpts", "max_nonfinite", "n_samples"):
         _require(getattr(r, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(r, key)}")
     _require(r.sample_every >= 0, "run.sample_every", "must be >= 0 (0: at the end only)")
+    _require(r.eval_every >= 0, "run.eval_every", "must be >= 0 (0: no evaluation)")
+    _require(r.eval_every == 0 or r.eval_every % r.log_every == 0, "run.eval_every",
+             f"must be a multiple of run.log_every ({r.log_every})")
+    _require(r.eval_n >= 10, "run.eval_n", "must be >= 10")
     _require(r.sigma_mid == 0 or o.sigma_min < r.sigma_mid < o.sigma_max, "run.sigma_mid",
              "must be 0 (default) or strictly between sigma_min and sigma_max")
     return cfg

@@ -30,6 +30,8 @@ from .sampling import default_sigma_mid, sample
 
 METRIC_FIELDS = ["step", "loss", "cm_loss", "diff_loss", "c", "N", "lr", "grad_norm",
                  "steps_per_s", "ot_ms", "skipped"]
+EVAL_FIELDS = ["fd_1step", "fd_2step", "precision_1step", "recall_1step", "precision_2step",
+               "recall_2step"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -353,6 +355,30 @@ class Trainer:
             paths[steps] = save_image_grid(images, self.sample_dir / name, nrow=10 if labels is not None else None)
         return paths
 
+    def evaluate(self):
+        """run.eval_every: FD and precision/recall of the EMA model's 1- and 2-step samples
+        (digits only; other data sets need real images and Inception weights: lct-eval)."""
+        if self.data.decoder.get("kind") != "digits":
+            return {}
+        from .evaluate import digits_reference, evaluate_digits
+        from .pipeline import default_cache_dir
+
+        state = {"num_classes": self.data.num_classes, "latent_shape": self.data.latent_shape,
+                 "decoder": self.data.decoder, "latent_stats": self.data.stats.state_dict()}
+        if "eval_ref" not in self._grids:
+            self._grids["eval_ref"] = digits_reference(
+                state, self.cfg, self.cfg.data.cache_dir or default_cache_dir())
+        if "decode" not in self._grids:
+            self._grids["decode"] = make_decoder(self.data.decoder, self.data.stats, self.device)
+        result = evaluate_digits(self.ema, state, self.cfg, self._grids["decode"], n=self.cfg.run.eval_n,
+                                 device=self.device, reference=self._grids["eval_ref"])
+        row = {}
+        for k, e in result["steps"].items():
+            row[f"fd_{k}step"] = e["fd"]
+            row[f"precision_{k}step"] = e["precision"]
+            row[f"recall_{k}step"] = e["recall"]
+        return row
+
     def _open_metrics(self):
         path = self.out / "metrics.csv"
         rows = []
@@ -360,7 +386,7 @@ class Trainer:
             with open(path, newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= self.step]
         fh = open(path, "w", newline="")
-        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS + EVAL_FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
         fh.flush()
@@ -402,6 +428,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % r.log_every == 0 or self.step == end:
                     row = self._summarise(window, time.perf_counter() - t_window)
+                    if main and r.eval_every and self.step % r.eval_every == 0:
+                        row.update(self.evaluate())
                     if main:
                         writer.writerow(row)
                         fh.flush()
@@ -413,7 +441,7 @@ class Trainer:
                 if self.step % r.ckpt_every == 0:
                     self.save()
                     if main:
-                        plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
+                        plot_metrics(self.out / "metrics.csv", self.out / "loss.png", EVAL_FIELDS)
                 if r.sample_every and self.step % r.sample_every == 0 and main:
                     self.write_samples()
                 if self._stop_all:
@@ -433,7 +461,7 @@ class Trainer:
                 signal.signal(s, handler)
         ckpt = self.save()
         if main:
-            plot_metrics(self.out / "metrics.csv", self.out / "loss.png")
+            plot_metrics(self.out / "metrics.csv", self.out / "loss.png", EVAL_FIELDS)
         if status == "completed" and main:
             self.write_samples()
         elapsed = time.perf_counter() - t_start

@@ -67,12 +67,15 @@ def plot_metrics(csv_path, png_path, extra=()):
     if "step" not in cols or len(cols["step"]) == 0:
         return None
     panels = [("loss", "loss", True), ("c", "Cauchy / robust c", True), ("N", "grid points N", True)]
-    panels += [(name, name, False) for name in extra if name in cols]
+    panels += [(name, name, False) for name in extra
+               if name in cols and np.isfinite(cols[name]).any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
     for ax, (key, title, logy) in zip(np.atleast_1d(axes), panels):
         if key not in cols:
             continue
-        ax.plot(cols["step"], cols[key], lw=1.2)
+        finite = np.isfinite(cols[key])
+        sparse = finite.sum() < 0.5 * len(finite)  # evaluation columns: a point every K steps
+        ax.plot(cols["step"][finite], cols[key][finite], "o-" if sparse else "-", lw=1.2, ms=3)
         ax.set_title(title)
         ax.set_xlabel("step")
         values = cols[key][np.isfinite(cols[key])]
