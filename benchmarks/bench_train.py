@@ -69,7 +69,8 @@ def make_step(path, spec, device, compile_net=False):
     run_net = torch.compile(net) if compile_net else net
     opt = torch.optim.RAdam([p for p in net.parameters() if p.requires_grad], lr=1e-4,
                             weight_decay=1e-4)
-    pair = (lambda x, n, y: obj.ot_pair(x, n, y)) if fused else torchcfm_pairing()
+    # one coupling of the whole batch on both paths (as torchcfm does), so the OT work compares
+    pair = (lambda x, n, y: obj.ot_pair(x, n, None)[:2] + (y,)) if fused else torchcfm_pairing()
     if pair is None:
         return None
     B = spec["batch"]

@@ -40,22 +40,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _pair_worker(rank, size, port, data, noise, out):
+def _pair_worker(rank, size, port, data, noise, labels, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        mine = ddp_lib.global_ot_pair(ddp_lib.share(data, rank, size), ddp_lib.share(noise, rank, size))
+        share = lambda t: None if t is None else ddp_lib.share(t, rank, size)  # noqa: E731
+        mine = ddp_lib.global_ot_pair(share(data), share(noise), share(labels))
         torch.save(mine, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_global_ot_equals_the_single_process_coupling_of_the_gathered_batch(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_global_ot_equals_the_single_process_coupling_of_the_gathered_batch(tmp_path, conditional):
     torch.manual_seed(0)
     data, noise = torch.randn(24, 2, 4, 4), torch.randn(24, 2, 4, 4)
-    mp.spawn(_pair_worker, args=(2, _free_port(), data, noise, str(tmp_path)), nprocs=2)
+    labels = torch.arange(24) % 3 if conditional else None
+    mp.spawn(_pair_worker, args=(2, _free_port(), data, noise, labels, str(tmp_path)), nprocs=2)
     paired = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
-    expected = noise[lk.ot_couple(data, noise)]
+    expected = noise[lk.ot_couple(data, noise, groups=labels)]
     assert torch.equal(paired, expected)
     # and it differs from coupling each half separately (the per-rank scope)
     per_rank = torch.cat([h_n[lk.ot_couple(h_d, h_n)] for h_d, h_n in
@@ -126,6 +129,13 @@ def test_two_processes_save_resume_and_match_one_process(tmp_path):
     proc = _torchrun(["--out", str(mixed), "--resume", *args])
     assert "saved by 1 process(es) on 2" in proc.stderr
     np.testing.assert_allclose(_losses(mixed)[:, 1], a[:, 1], rtol=1e-4)
+
+    # the default per-process OT scope couples each share separately: it trains, and
+    # (the coupling being different) its trajectory departs from the global one
+    per_rank = tmp_path / "per_rank"
+    _torchrun(["--out", str(per_rank), *_overrides(cache, **{"ot.scope": "rank"})])
+    c = _losses(per_rank)
+    assert np.isfinite(c[:, 1]).all() and not np.allclose(c[:, 1], a[:, 1], rtol=1e-4)
 
 
 def test_global_batch_must_divide_among_processes(tmp_path):

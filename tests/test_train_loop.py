@@ -165,7 +165,7 @@ def test_ot_coupling_is_used_when_enabled(tmp_path, cache_dir, monkeypatch):
 
     def spy(x0, x1, **kw):
         perm = real(x0, x1, **kw)
-        calls.append((x0.shape, perm))
+        calls.append((x0.shape, perm, kw.get("groups")))
         return perm
 
     monkeypatch.setattr(obj.lk, "ot_couple", spy)
@@ -177,12 +177,16 @@ def test_ot_coupling_is_used_when_enabled(tmp_path, cache_dir, monkeypatch):
         x, noise, *_ = trainer.step_inputs(0)
         if ot:
             assert len(calls) == 1 and calls[0][0] == (32, 2, 4, 4)
-            # the noise is re-ordered into the exact OT pairing: identity is now optimal
+            # the noise is re-ordered into the exact OT pairing within each class (the model
+            # is class-conditional): identity is now optimal in every class
             from scipy.optimize import linear_sum_assignment
 
-            cost = torch.cdist(x.flatten(1).double(), noise.flatten(1).double()) ** 2
-            _, cols = linear_sum_assignment(cost.numpy())
-            assert cols.tolist() == list(range(32))
+            y = trainer.labels[trainer.batch_indices(0)]
+            for c in y.unique():
+                idx = (y == c).nonzero().flatten()
+                cost = torch.cdist(x[idx].flatten(1).double(), noise[idx].flatten(1).double()) ** 2
+                assert linear_sum_assignment(cost.numpy())[1].tolist() == list(range(len(idx)))
+            assert torch.equal(calls[0][2], y)  # groups = the labels
         else:
             assert calls == []
 

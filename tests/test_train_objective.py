@@ -192,17 +192,30 @@ class TestLossAssembly:
 
 
 class TestOTPairing:
-    def test_pairs_are_the_exact_assignment_and_labels_follow_data(self):
+    def test_unconditional_pairs_are_the_exact_assignment(self):
         from scipy.optimize import linear_sum_assignment
 
         torch.manual_seed(2)
         data, noise = torch.randn(32, 2, 4, 4), torch.randn(32, 2, 4, 4)
-        labels = torch.arange(32)
-        x, n, y = obj.ot_pair(data, noise, labels)
-        assert torch.equal(x, data) and torch.equal(y, labels)
+        x, n, y = obj.ot_pair(data, noise)
+        assert torch.equal(x, data) and y is None
         cost = torch.cdist(data.flatten(1).double(), noise.flatten(1).double()) ** 2
         rows, cols = linear_sum_assignment(cost.numpy())
         assert torch.equal(n, noise[torch.as_tensor(cols)])
+
+    def test_conditional_pairs_are_exact_within_each_class_and_labels_follow_data(self):
+        from scipy.optimize import linear_sum_assignment
+
+        torch.manual_seed(3)
+        data, noise = torch.randn(40, 2, 4, 4), torch.randn(40, 2, 4, 4)
+        labels = torch.arange(40) % 4
+        x, n, y = obj.ot_pair(data, noise, labels)
+        assert torch.equal(x, data) and torch.equal(y, labels)
+        assert sorted(n.flatten(1).sum(1).tolist()) == sorted(noise.flatten(1).sum(1).tolist())
+        for c in range(4):
+            idx = (labels == c).nonzero().flatten()
+            sub = torch.cdist(data[idx].flatten(1).double(), n[idx].flatten(1).double()) ** 2
+            assert linear_sum_assignment(sub.numpy())[1].tolist() == list(range(len(idx)))
 
 
 class TestSampling:

@@ -183,6 +183,9 @@ def eval_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma-mid", type=float, help="2-step re-noising sigma")
     p.add_argument("--device", default="auto")
+    p.add_argument("--search-sigma-mid", action="store_true",
+                   help="digits: ternary-search the 2-step sigma_mid that minimises the FD, "
+                        "then evaluate with it")
     p.add_argument("--real", help="real data: a folder of real images (FID, recall)")
     p.add_argument("--inception-weights", help="real data: torch-fidelity's Inception weights file")
     return p
@@ -218,8 +221,13 @@ def eval_main(argv=None):
         model, state, decode, cfg = load_for_sampling(ckpt, device)
         out = Path(args.out) if args.out else ckpt.parent.parent / "eval"
         if state["decoder"].get("kind") == "digits" and not args.real:
+            sigma_mid, search = args.sigma_mid, None
+            if args.search_sigma_mid:
+                sigma_mid, search = _search_sigma_mid(model, state, cfg, decode, args, device)
             result = evaluate_digits(model, state, cfg, decode, steps=tuple(args.steps), n=args.n,
-                                     seed=args.seed, sigma_mid=args.sigma_mid, device=device)
+                                     seed=args.seed, sigma_mid=sigma_mid, device=device)
+            if search is not None:
+                result["sigma_mid_search"] = search
             from .data import load_digits_split
 
             real = load_digits_split(holdout=cfg.data.holdout, seed=0)["test_images"]
@@ -246,6 +254,24 @@ def eval_main(argv=None):
     print(f"lct-eval: wrote {path}" + (f" and {out / 'eval_panel.png'}"
                                       if (out / "eval_panel.png").exists() else ""))
     return 0
+
+
+def _search_sigma_mid(model, state, cfg, decode, args, device):
+    """Ternary search (log sigma) of the 2-step sigma_mid minimising the FD (fixed seed)."""
+    from .evaluate import digits_reference, evaluate_digits
+    from .pipeline import default_cache_dir
+    from .sampling import search_sigma_mid
+
+    ref = digits_reference(state, cfg, cfg.data.cache_dir or default_cache_dir())
+
+    def fd(sigma_mid):
+        r = evaluate_digits(model, state, cfg, decode, steps=(2,), n=min(args.n, 500),
+                            seed=args.seed, sigma_mid=sigma_mid, device=device, reference=ref)
+        return r["steps"]["2"]["fd"]
+
+    best, value, history = search_sigma_mid(fd, lo=0.05, hi=10.0, iterations=6)
+    print(f"lct-eval: sigma_mid search: best {best:.4g} (FD {value:.3f}, {len(history)} evaluations)")
+    return best, {"best": best, "fd": value, "history": history}
 
 
 def _print_eval(result):

@@ -64,20 +64,23 @@ def all_gather_batch(local):
     return torch.cat(parts)
 
 
-def global_ot_pair(data_local, noise_local, backend=None):
+def global_ot_pair(data_local, noise_local, labels_local=None, backend=None):
     """``ot.scope=global``: one exact OT coupling of the whole global batch.
 
     All-gathers data and noise, rank 0 solves ``lk.ot_couple`` on its device, the
     permutation is broadcast, and each process keeps the noise paired with its own
     data.  Cost: two all-gathers of B x D values, one B x B assignment on one
-    device, one broadcast of B int64.  Returns this process's paired noise."""
+    device, one broadcast of B int64.  With labels the coupling is within each
+    class, as ``objective.ot_pair``.  Returns this process's paired noise."""
     rank, size = world()
     if size == 1:
-        return noise_local[lk.ot_couple(data_local, noise_local, backend=backend)]
+        return noise_local[lk.ot_couple(data_local, noise_local, groups=labels_local,
+                                        backend=backend)]
     data = all_gather_batch(data_local)
     noise = all_gather_batch(noise_local)
+    labels = None if labels_local is None else all_gather_batch(labels_local)
     if rank == 0:
-        perm = lk.ot_couple(data, noise, backend=backend)
+        perm = lk.ot_couple(data, noise, groups=labels, backend=backend)
     else:
         perm = torch.empty(data.shape[0], dtype=torch.int64, device=data.device)
     dist.broadcast(perm, src=0)

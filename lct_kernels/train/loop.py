@@ -250,7 +250,7 @@ class Trainer:
         if o.ot:
             t0 = time.perf_counter()
             if cfg.ot.scope == "global":
-                noise = ddp_lib.global_ot_pair(x, noise, backend=self.backend)
+                noise = ddp_lib.global_ot_pair(x, noise, y, backend=self.backend)
             else:
                 x, noise, y = obj.ot_pair(x, noise, y, backend=self.backend)
             ot_ms = (time.perf_counter() - t0) * 1e3

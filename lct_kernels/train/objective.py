@@ -149,8 +149,14 @@ def ot_pair(data, noise, labels=None, backend=None):
     """Exact minibatch OT coupling (squared Euclidean, uniform weights), through ``lk.ot_couple``.
 
     Returns (data, noise[perm], labels): the noise is re-ordered so that
-    (data[i], noise[i]) are optimal pairs; labels follow the data."""
-    perm = lk.ot_couple(data, noise, backend=backend)
+    (data[i], noise[i]) are optimal pairs; labels follow the data.
+
+    With labels (a class-conditional model) the coupling is exact within each class
+    (``groups=labels``).  A coupling across classes would give each class's data
+    the noise that happens to lie near it, so the noise a class sees in training
+    would no longer be N(0, I), while sampling draws N(0, I) for every class (on
+    the digits this made FD 2-3x worse)."""
+    perm = lk.ot_couple(data, noise, groups=labels, backend=backend)
     return data, noise[perm], labels
 
 
