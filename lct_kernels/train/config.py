@@ -148,7 +148,7 @@ PRESETS = {
     "ict-b2-128": {**_PAPER, **_ICT, "optim.batch_size": 128},
 }
 PRESET_HELP = {
-    "demo": "the embedded digits, tiny DiT, full sLCT recipe; about 3 minutes on 2 CPU cores",
+    "demo": "the embedded digits, tiny DiT, full sLCT recipe; about 2.5 minutes on 2 CPU cores",
     "slct": "same as demo (the full sLCT recipe on the embedded data)",
     "ict": "the iCT-in-latent baseline on the embedded data: Pseudo-Huber, no diffusion loss, "
            "no OT, constant c, plain LayerNorm",
