@@ -117,7 +117,7 @@ def sample_main(argv=None):
     import numpy as np
     import torch
 
-    from .checkpoint import CheckpointError, list_checkpoints
+    from .checkpoint import CheckpointError
     from .loop import load_for_sampling, resolve_device
     from .plots import save_image_grid
     from .sampling import default_sigma_mid, sample
@@ -126,15 +126,8 @@ def sample_main(argv=None):
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n: must be >= 1, got {args.n}")
-    ckpt = Path(args.ckpt)
-    if ckpt.is_dir():
-        folder = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
-        found = list_checkpoints(folder)
-        if not found:
-            print(f"lct-sample: error: no checkpoint (ckpt-*.pt) in {ckpt}", file=sys.stderr)
-            return 1
-        ckpt = found[-1][1]
     try:
+        ckpt = _find_checkpoint(args.ckpt)
         device = resolve_device(args.device)
         model, state, decode, cfg = load_for_sampling(ckpt, device, use_ema=not args.raw)
     except (CheckpointError, RuntimeError, FileNotFoundError, ImportError) as exc:

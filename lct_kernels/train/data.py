@@ -92,6 +92,15 @@ def _atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
+def cache_path(cache_dir, prefix, version, args):
+    """``cache_dir/<prefix>-<16 hex of sha256(version + args)>.pt`` (cache_dir is created)."""
+    key = json.dumps({"version": version, **args}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir / f"{prefix}-{digest}.pt"
+
+
 def digits_latents(cache_dir: str | os.PathLike, *, holdout: int = 297, seed: int = 0,
                    latent_channels: int = 2, ae_steps: int = 1500, ae_width: int = 32,
                    progress: bool = True) -> dict:
@@ -114,11 +123,7 @@ def digits_latents(cache_dir: str | os.PathLike, *, holdout: int = 297, seed: in
     for name in ("latent_channels", "ae_steps", "ae_width"):
         if isinstance(args[name], bool) or not isinstance(args[name], int) or args[name] < 1:
             raise ValueError(f"{name} must be a positive int, got {args[name]!r}")
-    key = json.dumps({"version": _CACHE_VERSION, **args}, sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"digits_latents-{digest}.pt"
+    cache_file = cache_path(cache_dir, "digits_latents", _CACHE_VERSION, args)
 
     payload = None
     if cache_file.exists():

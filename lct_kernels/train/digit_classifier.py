@@ -13,19 +13,16 @@ Images are (N, 1, 8, 8) float32 in [-1, 1], as produced by
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import _check_images
-from .data import NUM_DIGIT_CLASSES, _atomic_torch_save, load_digits_split
+from .data import NUM_DIGIT_CLASSES, _atomic_torch_save, cache_path, load_digits_split
 
 __all__ = ["DigitClassifier", "train_digit_classifier", "load_digit_classifier",
            "digit_features", "predict_digits", "DEFAULT_STEPS"]
@@ -274,11 +271,7 @@ def load_digit_classifier(cache_dir: str | os.PathLike, *, holdout: int = 297, s
         raise ValueError(f"seed must be an int, got {seed!r}")
     split = load_digits_split(holdout=holdout, seed=seed)  # validates holdout
     args = {"holdout": holdout, "seed": seed, "steps": steps}
-    key = json.dumps({"version": _CACHE_VERSION, **args}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"digit_classifier-{digest}.pt"
+    cache_file = cache_path(cache_dir, "digit_classifier", _CACHE_VERSION, args)
 
     model = None
     if cache_file.exists():
