@@ -187,6 +187,8 @@ def train_autoencoder(
 def _train(data, latent_channels, width, steps, batch_size, lr, kl_weight, seed, progress):
     from tqdm.auto import tqdm  # optional `train` extra; only needed here
 
+    from .data import epoch_batches  # (data imports this module at load time)
+
     n = data.shape[0]
     batch_size = min(batch_size, n)
     # devices=[]: the model trains on the CPU; do not fork (or initialise) CUDA state.
@@ -202,14 +204,10 @@ def _train(data, latent_channels, width, steps, batch_size, lr, kl_weight, seed,
         # A separate generator for shuffling so the data order does not depend
         # on how many random numbers the init or the noise consumed.
         gen = torch.Generator().manual_seed(seed)
-        order, pos = torch.randperm(n, generator=gen), 0
-
-        bar = tqdm(range(steps), desc="autoencoder", disable=not progress, leave=False)
-        for _ in bar:
-            if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            x = data[order[pos:pos + batch_size]]
-            pos += batch_size
+        batches = epoch_batches(n, batch_size, steps, gen)
+        bar = tqdm(batches, total=steps, desc="autoencoder", disable=not progress, leave=False)
+        for idx in bar:
+            x = data[idx]
 
             recon, mean, logvar = model(x)
             mse = F.mse_loss(recon, x)

@@ -92,6 +92,17 @@ def _atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
+def epoch_batches(n, batch_size, steps, generator):
+    """Yields ``steps`` index tensors of ``batch_size`` (<= n) drawn by epoch-wise shuffling
+    with ``generator`` (a new permutation whenever the current one cannot fill a batch)."""
+    order, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
+
+
 def cache_path(cache_dir, prefix, version, args):
     """``cache_dir/<prefix>-<16 hex of sha256(version + args)>.pt`` (cache_dir is created)."""
     key = json.dumps({"version": version, **args}, sort_keys=True, default=str)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import _check_images
-from .data import NUM_DIGIT_CLASSES, _atomic_torch_save, cache_path, load_digits_split
+from .data import (NUM_DIGIT_CLASSES, _atomic_torch_save, cache_path, epoch_batches,
+                   load_digits_split)
 
 __all__ = ["DigitClassifier", "train_digit_classifier", "load_digit_classifier",
            "digit_features", "predict_digits", "DEFAULT_STEPS"]
@@ -184,13 +185,9 @@ def _train(x, y, steps, batch_size, lr, weight_decay, width, feature_dim, augmen
         # Own generator for data order and shifts, so they do not depend on how
         # many numbers the weight init consumed.
         gen = torch.Generator().manual_seed(seed)
-        order, pos = torch.randperm(n, generator=gen), 0
-        bar = tqdm(range(steps), desc="digit classifier", disable=not progress, leave=False)
-        for _ in bar:
-            if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos:pos + batch_size]
-            pos += batch_size
+        batches = epoch_batches(n, batch_size, steps, gen)
+        bar = tqdm(batches, total=steps, desc="digit classifier", disable=not progress, leave=False)
+        for idx in bar:
             xb = _random_shifts(x[idx], gen) if augment else x[idx]
             loss = F.cross_entropy(model(xb), y[idx])
             if not torch.isfinite(loss):

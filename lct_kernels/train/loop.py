@@ -217,6 +217,16 @@ class Trainer:
             return o.lr * (step + 1) / o.warmup_steps
         return o.lr
 
+    def grid(self, n_points):
+        """(Karras sigmas on the device, index probabilities) for N points; changes once
+        per curriculum stage, so it is built once per N."""
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        if n_points not in cache:
+            o = self.cfg.objective
+            sigmas = obj.karras_sigmas(n_points, o.sigma_min, o.sigma_max, o.rho)
+            cache[n_points] = (sigmas.to(self.device), obj.index_probabilities(sigmas, o.p_mean, o.p_std))
+        return cache[n_points]
+
     # ---- one step ---------------------------------------------------------------------
     def batch_indices(self, step, batch_size=None):
         """Data indices of step ``step``: epoch-wise permutations seeded by (seed, epoch)."""
@@ -254,9 +264,7 @@ class Trainer:
             else:
                 x, noise, y = obj.ot_pair(x, noise, y, backend=self.backend)
             ot_ms = (time.perf_counter() - t0) * 1e3
-        n_points = self.intervals(step) + 1
-        sigmas = obj.karras_sigmas(n_points, o.sigma_min, o.sigma_max, o.rho)
-        probs = obj.index_probabilities(sigmas, o.p_mean, o.p_std)
+        sigmas, probs = self.grid(self.intervals(step) + 1)
         g_cpu = torch.Generator().manual_seed(_seed_for(cfg.run.seed, step, 3))
         global_indices = obj.sample_indices(probs, B, generator=g_cpu, device=self.device)
         return x, noise, y, share(global_indices), sigmas, ot_ms, global_indices
@@ -313,9 +321,9 @@ class Trainer:
                 f"checkpoint in {self.ckpt_dir} is intact.  Try a lower optim.lr or "
                 "optim.grad_clip > 0."
             )
-        return {"loss": loss if ok else float("nan"),
-                "cm_loss": float(cm.mean()) if ok else float("nan"),  # this process's share
-                "diff_loss": float(diff) if ok else float("nan"), "c": c,
+        # one device-to-host transfer for both logged terms (this process's share)
+        cm_loss, diff_loss = torch.stack([cm.mean(), diff]).tolist() if ok else (math.nan,) * 2
+        return {"loss": loss if ok else math.nan, "cm_loss": cm_loss, "diff_loss": diff_loss, "c": c,
                 "N": self.intervals(step) + 1, "lr": self.lr(step), "grad_norm": grad_norm,
                 "ot_ms": ot_ms, "skipped": 0 if ok else 1}
 
