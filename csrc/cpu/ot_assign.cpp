@@ -17,12 +17,13 @@ namespace {
 
 // Scratch for one problem (allocated here, in the baseline translation unit).
 struct Scratch {
-  std::vector<double> d, h;
-  std::vector<int64_t> pred, y, scan, free_rows;
+  std::vector<double> key, level, row_base;
+  std::vector<int64_t> reached_rows, y, order, rows;
   LapBuffers buffers(int64_t n, int64_t m) {
-    d.resize(m), h.resize(m), pred.resize(m), y.resize(m), scan.resize(m);
-    free_rows.resize(n);
-    return LapBuffers{d.data(), h.data(), pred.data(), y.data(), scan.data(), free_rows.data()};
+    key.resize(m), level.resize(m), reached_rows.resize(m), y.resize(m), order.resize(m);
+    rows.resize(n), row_base.resize(n);
+    return LapBuffers{key.data(),   level.data(), reached_rows.data(), y.data(),
+                      order.data(), rows.data(),  row_base.data()};
   }
 };
 

@@ -27,7 +27,7 @@
 
 #include <cuda/std/limits>
 
-#include "lct/lap.h"
+#include "lct/lap_status.h"
 
 namespace lct::cuda {
 namespace {

@@ -146,9 +146,9 @@ def _solve(cost, sizes, backend, fn):
 
 
 def _raise_on_status(fn, status, batched, what="cost"):
-    bad = (status != 0).nonzero()
-    if bad.numel() == 0:
+    if not bool(status.any()):  # one host sync, as before; the common path stays short
         return
+    bad = (status != 0).nonzero()
     b = int(bad[0])
     code = int(status[b])
     where = f"problem {b} of the batch" if batched else "the problem"
@@ -191,9 +191,9 @@ def ot_assign(cost, backend=None, return_duals=False):
         )
     x, u, v, status = _solve(c3, None, backend, fn)
     _raise_on_status(fn, status, batched)
-    if not batched:
-        x, u, v = x[0], u[0], v[0]
-    return (x, u, v) if return_duals else x
+    if not return_duals:
+        return x if batched else x[0]
+    return (x, u, v) if batched else (x[0], u[0], v[0])
 
 
 def coupling_cost(x0, x1):

@@ -3,6 +3,7 @@
 // baseline code under another name and never selected.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx2,fma")
+#define LCT_LAP_AVX2 1
 #endif
 #define LCT_LAP_NS lap_avx2
 #include "lct/lap.h"
