@@ -92,19 +92,25 @@ __global__ void __launch_bounds__(kThreads)
   uint8_t* settled = settled_ws + b * M;
   const int tid = threadIdx.x, nt = blockDim.x;
   auto c = [&](int64_t i, int64_t j) { return static_cast<double>(C[i * M + j]); };
+  if (n < 0 || m < 0 || n > N || m > M || n > m) {  // block-uniform: safe before any barrier
+    for (int64_t i = tid; i < N; i += nt) x_out[b * N + i] = -1, u_out[b * N + i] = 0.0;
+    for (int64_t j = tid; j < M; j += nt) v[j] = 0.0;
+    if (tid == 0) status_out[b] = kBadShape;
+    return;
+  }
 
   // ---- validation ----
   double scale = 0.0;
-  double flags = 0.0;  // 1: NaN, 2: -inf (max over threads)
+  double flags = 0.0;  // 2: NaN, 1: -inf (max over threads: NaN wins, as on CPU/Triton)
   for (int64_t e = tid; e < n * m; e += nt) {
     const double ce = c(e / m, e % m);
-    if (ce != ce) flags = fmax(flags, 1.0);
-    else if (ce == -kInfD) flags = fmax(flags, 2.0);
+    if (ce != ce) flags = 2.0;
+    else if (ce == -kInfD) flags = fmax(flags, 1.0);
     else if (ce != kInfD) scale = fmax(scale, fabs(ce));
   }
   scale = block_max(scale, scratch);
   flags = block_max(flags, scratch);
-  if (tid == 0) status = flags == 1.0 ? kNaN : flags == 2.0 ? kNegInf : kOk;
+  if (tid == 0) status = flags == 2.0 ? kNaN : flags == 1.0 ? kNegInf : kOk;
   for (int64_t j = tid; j < M; j += nt) v[j] = 0.0, y[j] = -1;
   __syncthreads();
 
@@ -246,7 +252,12 @@ __global__ void __launch_bounds__(kThreads)
       }
   }
   worst = block_max(worst, scratch);
-  if (tid == 0) status_out[b] = (status == kOk && worst > tol) ? kCertificateFailed : status;
+  const int32_t final_status = (status == kOk && worst > tol) ? kCertificateFailed : status;
+  if (final_status != kOk) {  // uniform; outputs of a failed problem are x = -1, u = v = 0
+    for (int64_t j = tid; j < m; j += nt) v[j] = 0.0;
+    for (int64_t i = tid; i < n; i += nt) x_out[b * N + i] = -1, u_out[b * N + i] = 0.0;
+  }
+  if (tid == 0) status_out[b] = final_status;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ot_assign_cuda(
