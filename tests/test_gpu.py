@@ -296,6 +296,25 @@ def test_ot_assign_gpu_matches_scipy(backend, n, m):
 
 
 @pytest.mark.parametrize("backend", ot_backends())
+@pytest.mark.parametrize(
+    "n,m,dtype",
+    [(160, 160, torch.float32), (96, 128, torch.float32), (100, 100, torch.float64),
+     (300, 300, torch.float64)],
+)
+def test_ot_assign_gpu_staged_and_streamed_costs_with_ties(backend, n, m, dtype):
+    """CUDA stages a problem's cost in shared memory when it fits: 160^2 float32 (100 KB,
+    above the 48 KB default: the opt-in path), 96x128 float32 (exactly 48 KB, just above
+    what the default leaves next to the static shared memory) and 100^2 float64 are
+    staged, 300^2 float64 is streamed.  Small integer costs give wide levels and tight
+    edges."""
+    C = torch.randint(0, 4, (2, n, m), device=DEV).to(dtype)
+    cols = L.ot_assign(C, backend=backend)
+    for b in range(2):
+        assert len(set(cols[b].tolist())) == n
+        assert C[b].double()[torch.arange(n, device=DEV), cols[b]].sum().item() == _scipy_total(C[b])
+
+
+@pytest.mark.parametrize("backend", ot_backends())
 def test_ot_assign_gpu_batches_ties_and_bad_input(backend):
     C = torch.randint(0, 3, (64, 48, 48), device=DEV).double()
     cols = L.ot_assign(C, backend=backend)
