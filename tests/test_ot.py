@@ -215,6 +215,20 @@ def test_bad_costs_raise_value_errors(backend):
         L.ot_assign(batch, backend=backend)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "triton")])
+def test_raw_op_refuses_bad_per_problem_sizes(backend):
+    """The registered op takes per-problem (rows, columns) for padded batches; sizes
+    outside the tensor or with rows > columns give status 6 (bad shape), x = -1 and
+    zero duals for that problem, and leave the other problems alone."""
+    op = torch.ops.lct.ot_assign if backend == "cpu" else torch.ops.lct.triton_ot_assign
+    C = torch.randn(5, 4, 6, dtype=torch.float64)
+    sizes = torch.tensor([[4, 6], [5, 6], [4, 7], [3, 2], [-1, 6]])
+    x, u, v, status = op(C, sizes)
+    assert status.tolist() == [0, 6, 6, 6, 6]
+    assert_valid_and_optimal(C[0], x[0])
+    assert (x[1:] == -1).all() and (u[1:] == 0).all() and (v[1:] == 0).all()
+
+
 def test_argument_errors():
     with pytest.raises(ValueError, match="N <= M"):
         L.ot_assign(torch.randn(5, 3))

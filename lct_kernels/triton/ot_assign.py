@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 MAX_M = 8192
-OK, INFEASIBLE, NAN, NEG_INF, CERTIFICATE_FAILED, ITERATION_LIMIT = 0, 1, 2, 3, 4, 5
+OK, INFEASIBLE, NAN, NEG_INF, CERTIFICATE_FAILED, ITERATION_LIMIT, BAD_SHAPE = 0, 1, 2, 3, 4, 5, 6
 
 
 @triton.jit
@@ -56,12 +56,16 @@ def _lap_kernel(
     else:  # unpadded batch: no sizes tensor, so no host-to-device copy per call
         n = tl.full((), N, tl.int64)
         m = tl.full((), M, tl.int64)
+    status = tl.full((), 0, tl.int32)
+    if (n < 0) | (m < 0) | (n > N) | (m > M) | (n > m):  # as the CPU and CUDA kernels
+        status = BAD_SHAPE
+        n = tl.full((), 0, tl.int64)  # an empty problem: every loop below is skipped
+        m = tl.full((), 0, tl.int64)
     base = cost_ptr + b * N * M
     cols = tl.arange(0, BLOCK_M)
     cmask = cols < m
     inf = float("inf")
     INF = tl.full([BLOCK_M], inf, tl.float64)
-    status = tl.full((), 0, tl.int32)
 
     # ---- validation and scale ----
     scale = tl.full((), 0.0, tl.float64)
