@@ -88,14 +88,16 @@ inline void column_min_update_scalar(const T* c, int64_t m, double r, int64_t i,
   }
 }
 
+// Add one value to a running smallest-two (a tie makes u2 equal u1).
+inline void top2_push(Top2& t, double h) {
+  t.u2 = h < t.u1 ? t.u1 : (h < t.u2 ? h : t.u2);
+  t.u1 = h < t.u1 ? h : t.u1;
+}
+
 template <typename T>
 inline Top2 row_top2_scalar(const T* c, const double* v, int64_t m) {
   Top2 t{kInf, kInf};
-  for (int64_t j = 0; j < m; ++j) {
-    const double h = double(c[j]) - v[j];
-    t.u2 = h < t.u1 ? t.u1 : (h < t.u2 ? h : t.u2);
-    t.u1 = h < t.u1 ? h : t.u1;
-  }
+  for (int64_t j = 0; j < m; ++j) top2_push(t, double(c[j]) - v[j]);
   return t;
 }
 
@@ -229,10 +231,7 @@ inline Top2 row_top2(const T* c, const double* v, int64_t m) {
   _mm256_store_pd(lanes, a0), _mm256_store_pd(lanes + 4, b0);
   _mm256_store_pd(lanes + 8, a1), _mm256_store_pd(lanes + 12, b1);
   Top2 t = row_top2_scalar(c + m8, v + m8, m - m8);
-  for (double x : lanes) {  // the smallest two overall are among the lanes' two
-    t.u2 = x < t.u1 ? t.u1 : (x < t.u2 ? x : t.u2);
-    t.u1 = x < t.u1 ? x : t.u1;
-  }
+  for (double x : lanes) top2_push(t, x);  // the smallest two overall are among the lanes' two
   return t;
 }
 
