@@ -27,7 +27,15 @@ import triton
 import triton.language as tl
 
 MAX_M = 8192
-OK, INFEASIBLE, NAN, NEG_INF, CERTIFICATE_FAILED, ITERATION_LIMIT, BAD_SHAPE = 0, 1, 2, 3, 4, 5, 6
+# Status codes (lct::lap_status).  tl.constexpr globals: the compiler rejects plain
+# Python globals read inside a @triton.jit function (the interpreter does not).
+OK = tl.constexpr(0)
+INFEASIBLE = tl.constexpr(1)
+NAN = tl.constexpr(2)
+NEG_INF = tl.constexpr(3)
+CERTIFICATE_FAILED = tl.constexpr(4)
+ITERATION_LIMIT = tl.constexpr(5)
+BAD_SHAPE = tl.constexpr(6)
 
 
 @triton.jit
@@ -82,12 +90,16 @@ def _lap_kernel(
         status = NEG_INF
 
     v = tl.zeros([BLOCK_M], tl.float64)
-    y = tl.full([BLOCK_M], -1, tl.int64)  # row of each column
+    # Row and column indices are int32 throughout (N <= M <= MAX_M): every branch that
+    # reassigns one keeps its type (the compiler requires it), and int32 vectors halve
+    # the registers of the int64 ones.  Loop counters over int64 bounds are int64 in
+    # the compiler (Python ints under the interpreter), hence the tl.full casts.
+    y = tl.full([BLOCK_M], -1, tl.int32)  # row of each column
     # ---- initialisation ----
     if status == 0:
         if n == m:
             colmin = INF
-            argrow = tl.full([BLOCK_M], -1, tl.int64)
+            argrow = tl.full([BLOCK_M], -1, tl.int32)
             for i in range(0, n):
                 c = tl.load(base + i * M + cols, mask=cmask, other=inf).to(tl.float64)
                 r = tl.min(c, axis=0)
@@ -96,13 +108,14 @@ def _lap_kernel(
                 rc = c - r
                 better = rc < colmin
                 colmin = tl.where(better, rc, colmin)
-                argrow = tl.where(better, i, argrow)
+                argrow = tl.where(better, tl.full((), i, tl.int32), argrow)
             if tl.sum(((argrow < 0) & cmask).to(tl.int32), axis=0) > 0:
                 status = INFEASIBLE
             v = tl.where(cmask, colmin, 0.0)
             for i in range(0, n):  # row i takes the highest-index column that chose it
-                jmax = tl.max(tl.where(argrow == i, cols, -1), axis=0)
-                y = tl.where((cols == jmax) & (jmax >= 0), i, y)
+                i32 = tl.full((), i, tl.int32)
+                jmax = tl.max(tl.where(argrow == i32, cols, -1), axis=0)
+                y = tl.where((cols == jmax) & (jmax >= 0), i32, y)
         else:
             for i in range(0, n):
                 c = tl.load(base + i * M + cols, mask=cmask, other=inf).to(tl.float64)
@@ -111,7 +124,7 @@ def _lap_kernel(
                     status = INFEASIBLE
                 jmin = tl.min(tl.where((c == r) & cmask, cols, BLOCK_M), axis=0)
                 if _pick(y, cols, jmin) < 0:
-                    y = tl.where(cols == jmin, i, y)
+                    y = tl.where(cols == jmin, tl.full((), i, tl.int32), y)
 
     # ---- shortest augmenting paths ----
     budget = 4 * n * (m + 2) + 64
@@ -120,9 +133,10 @@ def _lap_kernel(
         if (status == 0) & (n_held == 0):
             cf = tl.load(base + f * M + cols, mask=cmask, other=inf).to(tl.float64)
             d = tl.where(cmask, cf - v, INF)
-            pred = tl.full([BLOCK_M], f, tl.int64)
+            f32 = tl.full((), f, tl.int32)
+            pred = tl.full([BLOCK_M], f32, tl.int32)
             settled = cols < 0  # all False
-            end = tl.full((), -1, tl.int64)
+            end = tl.full((), -1, tl.int32)
             mu = tl.full((), 0.0, tl.float64)
             searching = tl.full((), 1, tl.int32)
             while searching == 1:
@@ -146,24 +160,24 @@ def _lap_kernel(
                         # columns at mu are taken by the next iterations (same level)
                         j = tl.min(tl.where(level, cols, BLOCK_M), axis=0)
                         settled = settled | (cols == j)
-                        i = _pick(y, cols, j)
-                        ci = tl.load(base + i * M + cols, mask=cmask, other=inf).to(tl.float64)
+                        r = _pick(y, cols, j)  # the row matched to column j
+                        ci = tl.load(base + r * M + cols, mask=cmask, other=inf).to(tl.float64)
                         cij = tl.sum(tl.where(cols == j, ci, 0.0), axis=0)
                         vj = _pick(v, cols, j)
                         h = ci - v - (cij - vj - mu)
                         better = (~settled) & cmask & (h < d)
                         d = tl.where(better, h, d)
-                        pred = tl.where(better, i, pred)
+                        pred = tl.where(better, r, pred)
             if status == 0:
                 v = v + tl.where(settled, d - mu, 0.0)
                 j = end
                 flipping = tl.full((), 1, tl.int32)
                 while flipping == 1:
-                    i = _pick(pred, cols, j)
-                    # the column row i held before (none for the free row f)
-                    prev = tl.max(tl.where(y == i, cols, -1), axis=0)
-                    y = tl.where(cols == j, i, y)
-                    if i == f:
+                    r = _pick(pred, cols, j)
+                    # the column row r held before (none for the free row f)
+                    prev = tl.max(tl.where(y == r, cols, -1), axis=0)
+                    y = tl.where(cols == j, r, y)
+                    if r == f32:
                         flipping = 0
                     else:
                         j = prev
