@@ -19,6 +19,9 @@ from .ops.layer_norm import non_scaling_layer_norm, nsln_modulate
 from .ops.ot import ot_assign, ot_couple
 from .ops.robust_loss import cauchy_loss, geman_mcclure_loss, pseudo_huber_loss
 from . import nn  # noqa: E402
+# ot is public API (lct_kernels.ot.OTPlanSampler); it needs only numpy (already loaded by
+# torch) and ops.ot, so importing it here costs a few ms and creates no cycle.
+from . import ot  # noqa: E402
 
 __version__ = "0.1.0"
 

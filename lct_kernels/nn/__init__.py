@@ -8,6 +8,7 @@ from .layer_norm import (
     unpatch_layernorms,
 )
 from .losses import CauchyLoss, GemanMcClureLoss, PseudoHuberLoss
+from .dit import patch_dit, unpatch_dit
 
 __all__ = [
     "CauchyLoss",
@@ -18,4 +19,6 @@ __all__ = [
     "NsLNModulate",
     "patch_layernorms",
     "unpatch_layernorms",
+    "patch_dit",
+    "unpatch_dit",
 ]
