@@ -51,4 +51,10 @@ TORCH_LIBRARY(lct, m) {
   // column of each row, -1 for padding rows; u (B, N) and v (B, M) float64 dual
   // potentials, the optimality certificate; status (B,) int32, lct::lap::Status).
   m.def("ot_assign(Tensor cost, Tensor? sizes) -> (Tensor, Tensor, Tensor, Tensor)");
+  // CPU introspection (csrc/cpu/introspect.cpp), no tensors:
+  //   _cpu_isa: the ISA path of the CPU kernels ("avx2+fma: ..." or "base: ...", with why);
+  //   _cpu_threads: threads a CPU kernel uses for `tasks` tasks of `elems_per_task`
+  //   elements under at most max_threads threads (< 1: torch.get_num_threads()).
+  m.def("_cpu_isa() -> str");
+  m.def("_cpu_threads(int tasks, int elems_per_task, int max_threads=0) -> int");
 }

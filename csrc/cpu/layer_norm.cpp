@@ -2,6 +2,7 @@
 // non-scaling LayerNorm (weight absent or ones), general LayerNorm, and the
 // fused NsLN + adaLN modulate of DiT.  Formulas: csrc/ops.cpp.
 //
+// Threads: parallel.h (small calls run on the calling thread).
 // Forward: parallel over rows; per row a float64-accumulated mean, a second pass
 // for the biased variance (row in cache), a third writing y.  fp32 statistics.
 // Bytes moved (element size s): read s M D, write s M D + 8 M.
@@ -24,6 +25,7 @@
 #include "isa/cpu_features.h"
 #include "isa/layer_norm_args.h"
 #include "lct/layer_norm.h"
+#include "parallel.h"
 #include "row_ops.h"
 
 namespace lct::cpu {
@@ -47,8 +49,7 @@ void fwd_impl(const at::Tensor& x, const Params& prm, const float* shift, const 
   const int64_t M = x.size(0), D = x.size(1);
   const Rows<T> xr = rows_of<T>(x);
   const float* zeros = prm.zeros.data();
-  const int64_t grain = std::max<int64_t>(1, kChunk / D);
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+  parallel_tasks(M, D, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t r = begin; r < end; ++r) {
       const T* xi = xr.row(r);
@@ -98,7 +99,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& xy, const float* mean, con
   }
   const auto float_task = use_avx2() ? &avx2::layer_norm_bwd_task_f32 : &base::layer_norm_bwd_task_f32;
 
-  at::parallel_for(0, G * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(G * chunks, rows_per_chunk * D, [&](int64_t begin, int64_t end) {
     std::vector<float> local(partials ? 0 : 2 * D);  // scratch partials when not wanted
     std::vector<float> gain_v(D), scratch(D);
     for (int64_t task = begin; task < end; ++task) {
@@ -189,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
                              prm.zeros.data(), eps, group_rows, y.mutable_data_ptr<float>(),
                              mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>()};
     const auto rows = use_avx2() ? &avx2::layer_norm_fwd_rows_f32 : &base::layer_norm_fwd_rows_f32;
-    at::parallel_for(0, M, std::max<int64_t>(1, kChunk / D), [&](int64_t begin, int64_t end) {
+    parallel_tasks(M, D, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(D);
       rows(a, begin, end, scratch.data());
     });

@@ -1,6 +1,7 @@
 // CPU kernel of the batched exact assignment (lct::ot_assign): the solver in
 // csrc/include/lct/lap.h, one problem per task, OpenMP (at::parallel_for) over
-// the batch.  Padded batches (groups of different sizes) carry their own sizes.
+// the batch; a single or small problem stays on the calling thread (parallel.h).
+// Padded batches (groups of different sizes) carry their own sizes.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 
 #include "isa/cpu_features.h"
 #include "isa/lap_isa.h"
+#include "parallel.h"
 
 namespace lct::cpu {
 namespace {
@@ -55,7 +57,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ot_assign_cpu(
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "ot_assign_cpu", [&] {
     const scalar_t* c = cost.const_data_ptr<scalar_t>();
     const auto solve = use_avx2() ? &lap_avx2::solve<scalar_t> : &lap_base::solve<scalar_t>;
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // One problem never forks; a batch forks when its problems are big enough
+    // (the solver touches each cost entry a few times: N M per problem is the
+    // work unit of parallel.h).
+    parallel_tasks(B, N * M, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n = sz ? sz[2 * b] : N, m = sz ? sz[2 * b + 1] : M;

@@ -6,6 +6,8 @@
 //     row from L1/L2, so DRAM sees each input once;
 //   * few long rows (B < threads and N > kChunk): parallel over fixed-size chunks
 //     of each row, partial sums combined in chunk order (deterministic).
+// Small problems run on the calling thread (parallel.h: no fork below
+// kMinElemsPerThread elements per thread).
 // Sums use float32 SIMD accumulators inside blocks of kBlock elements and a
 // float64 accumulator across blocks, so long rows do not lose precision.
 #pragma once
@@ -13,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include "lct/dispatch.h"
+#include "parallel.h"
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -52,21 +55,28 @@ Rows<T> rows_of(const at::Tensor& x) {
 template <typename Stats, typename Reduce, typename Finish, typename Apply>
 void two_pass_rows(int64_t B, int64_t N, bool with_apply, const Reduce& reduce,
                    const Finish& finish, const Apply& apply) {
-  const bool split_rows = B < at::get_num_threads() && N > kChunk;
+  // Split rows only when there are fewer rows than threads that may run: the
+  // chunk count depends only on N, so the partials add up in the same order
+  // whatever the thread count.
+  const int64_t n_chunks = (N + kChunk - 1) / kChunk;
+  const bool split_rows = n_chunks > 1 && B < threads_for(n_chunks * B, kChunk);
   if (!split_rows) {
-    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(N, 1));
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    parallel_tasks(B, N, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        finish(r, reduce(r, int64_t(0), N));
+        // The same chunked sum as the split path, so the result does not
+        // depend on which path the thread count chose.
+        Stats total = reduce(r, int64_t(0), std::min(N, kChunk));
+        for (int64_t k = 1; k < n_chunks; ++k)
+          total += reduce(r, k * kChunk, std::min(N, (k + 1) * kChunk));
+        finish(r, total);
         if (with_apply) apply(r, int64_t(0), N);
       }
     });
     return;
   }
-  const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   std::vector<Stats> partial(n_chunks);
   for (int64_t r = 0; r < B; ++r) {
-    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(n_chunks, kChunk, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         partial[k] = reduce(r, k * kChunk, std::min(N, (k + 1) * kChunk));
     });
@@ -74,7 +84,7 @@ void two_pass_rows(int64_t B, int64_t N, bool with_apply, const Reduce& reduce,
     for (int64_t k = 1; k < n_chunks; ++k) total += partial[k];
     finish(r, total);
     if (with_apply) {
-      at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      parallel_tasks(n_chunks, kChunk, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) apply(r, k * kChunk, std::min(N, (k + 1) * kChunk));
       });
     }
