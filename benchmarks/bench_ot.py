@@ -172,25 +172,28 @@ def batch_table(bs, ns, d, rounds, device="cpu"):
     return lines
 
 
-def report(device="cpu", quick=False):
-    rounds = 3 if quick else 9
-    ns = [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048]
-    if device == "cuda" and not quick:  # the host peers at N = 2048 would eat the GPU check's time
+def report(device="cpu", quick=False, tiny=False):
+    """The OT section's lines.  ``tiny``: N = 32 only, 1 round, D = 64 only (a plumbing check
+    of every table and peer, for gpu_check.sh --dry-run; the numbers mean nothing)."""
+    rounds = 1 if tiny else 3 if quick else 9
+    ns = [32] if tiny else [64, 256, 1024] if quick else [64, 128, 256, 512, 1024, 2048]
+    if device == "cuda" and not quick and not tiny:  # host peers at N = 2048 would eat the GPU check's time
         ns = [64, 128, 256, 512, 1024]
+    ds = (64,) if tiny else (64, 4096)
     out = [f"### {device.upper()}: exact OT assignment", "",
            "Float64 costs for the solver tables (every peer gets the same matrix), float32 "
            "-2·x0·x1ᵀ inside `ot_couple`.  One problem runs on one thread; batches spread over "
            "the threads.  Every timed call follows an untimed call of the same function "
            "(steady state; see `benchmarks/bench_ot.py`).", ""]
-    for d in (64, 4096):
+    for d in ds:
         out += [f"Solver alone, same float64 cost (squared distances of Gaussian points, D={d}):", ""]
         out += solver_table(ns, d, rounds, device) + [""]
     out += ["Whole coupling, minibatches to paired batches (torchcfm: OTPlanSampler exact, "
             "normalize_cost=True, sample_plan(replace=False), as LCT calls it):", ""]
-    out += couple_table([64, 256, 1024], [64, 4096], rounds, device)
+    out += couple_table(ns if tiny else [64, 256, 1024], ds, rounds, device)
     out += ["", "Batches of problems (squared distances, D=64):", ""]
-    out += batch_table([1, 8, 64] if not quick else [8], [64, 256, 1024] if not quick else [256],
-                       64, rounds, device)
+    bs, bns = ([2], ns) if tiny else ([8], [256]) if quick else ([1, 8, 64], [64, 256, 1024])
+    out += batch_table(bs, bns, 64, rounds, device)
     versions = []
     for mod in ("scipy", "lap", "ot", "torch_linear_assignment", "torchcfm"):
         if importlib.util.find_spec(mod):
@@ -203,4 +206,5 @@ def report(device="cpu", quick=False):
 if __name__ == "__main__":
     import sys
 
-    print("\n".join(report("cuda" if torch.cuda.is_available() else "cpu", "--quick" in sys.argv)))
+    print("\n".join(report("cuda" if torch.cuda.is_available() else "cpu", "--quick" in sys.argv,
+                           "--tiny" in sys.argv)))

@@ -37,6 +37,9 @@ from lct_kernels.train.model import build_dit  # noqa: E402
 CONFIGS = {
     "tiny": dict(size="tiny", latent=(2, 4, 4), patch=2, batch=128, classes=10),
     "b2": dict(size="B", latent=(4, 32, 32), patch=2, batch=256, classes=0),
+    # b2's code path (unconditional, 4 latent channels) at a size the CPU runs in seconds:
+    # gpu_check.sh --dry-run checks the b2 stage's plumbing with it
+    "b2-smoke": dict(size="tiny", latent=(4, 8, 8), patch=2, batch=32, classes=0),
 }
 
 

@@ -22,6 +22,14 @@ SHAPES = {
     "64x4x64x64": (64, 4, 64, 64),
     "8x64": (8, 64),
 }
+# report.py --tiny (gpu_check.sh --dry-run): the same code paths at plumbing-check sizes
+TINY_SHAPES = {
+    "4x4x8x8": (4, 4, 8, 8),
+    "8x64": (8, 64),
+}
+# report.py --tiny sets "eager": torch.compile still traces (dynamo) but skips inductor's
+# code generation, which would take minutes on a small CPU machine
+COMPILE_BACKEND = "inductor"
 C_STAGE1 = 0.00054 * math.sqrt(4096)  # the paper code's c for 4x32x32 latents
 
 
@@ -43,6 +51,11 @@ def paper_objective(student, teacher, x0, weight, diff_weight, diff_mask, c):
     return cm.mean() + 5.0 * diff
 
 
+def compile_fn(fn):
+    """torch.compile(fn) with the backend report.py chose (COMPILE_BACKEND)."""
+    return torch.compile(fn, backend=COMPILE_BACKEND)
+
+
 def lct_backends(device):
     names = ["cpu"] if device == "cpu" else ["cuda", "triton"]
     return [b for b in names if L._backend.status("robust_loss", b, device)[0]]
@@ -50,7 +63,7 @@ def lct_backends(device):
 
 def loss_impls(device):
     """name -> f(pred, target, weight, c) returning a scalar loss."""
-    impls = {"eager": paper_cauchy, "compile": torch.compile(paper_cauchy)}
+    impls = {"eager": paper_cauchy, "compile": compile_fn(paper_cauchy)}
     for be in lct_backends(device):
         impls[f"lct-{be}"] = (
             lambda p, t, w, c, be=be: L.cauchy_loss(p, t, c, weight=w, backend=be)
@@ -59,7 +72,7 @@ def loss_impls(device):
 
 
 def objective_impls(device):
-    impls = {"eager": paper_objective, "compile": torch.compile(paper_objective)}
+    impls = {"eager": paper_objective, "compile": compile_fn(paper_objective)}
     for be in lct_backends(device):
         impls[f"lct-{be}"] = (
             lambda s, t, x0, w, dw, mask, c, be=be: L.consistency_objective(

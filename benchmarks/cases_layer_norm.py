@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lct_kernels as L
-from cases import lct_backends
+from cases import compile_fn, lct_backends
 
 # (B, T, D, modulate): DiT-B/2 and DiT-XL/2 block norms, qk-norm rows of head_dim 64,
 # and a long-row case.
@@ -32,6 +32,10 @@ CPU_SHAPES = {
     "qk-norm 98304x64": (32 * 12 * 256, 1, 64, False),
     "long 512x8192": (512, 1, 8192, False),
 }
+TINY_SHAPES = {  # report.py --tiny: a plumbing check, not a measurement
+    "tiny 2x8x64 mod": (2, 8, 64, True),
+    "tiny 64x32": (64, 1, 32, False),
+}
 
 
 def eager_modulate(x, shift, scale, bias):
@@ -45,7 +49,7 @@ def eager_nsln(x, bias):
 
 def impls(device, modulate):
     base = eager_modulate if modulate else eager_nsln
-    out = {"eager": base, "compile": torch.compile(base)}
+    out = {"eager": base, "compile": compile_fn(base)}
     if not modulate and device == "cuda":
         out.update(_peer_layer_norms())
     for be in lct_backends(device):

@@ -3,6 +3,7 @@
     python benchmarks/report.py                       # this machine's device, full run
     python benchmarks/report.py --quick               # fewer repetitions
     python benchmarks/report.py --write BENCHMARKS.md --plots docs/bench
+    python benchmarks/report.py --tiny --device cpu   # plumbing check (gpu_check.sh --dry-run)
 
 Implementations are timed side by side: in every round each implementation
 runs once per case, in a rotating order, so machine noise hits all of them
@@ -66,7 +67,7 @@ def fmt_ms(s):
     return f"{s * 1e3:.3f}" if s >= 1e-4 else f"{s * 1e6:.1f} us"
 
 
-def loss_table(device, dtype, rounds, bandwidth):
+def loss_table(device, dtype, rounds, bandwidth, shapes=cases.SHAPES):
     impls = cases.loss_impls(device)
     names = list(impls)
     lines = [
@@ -75,7 +76,7 @@ def loss_table(device, dtype, rounds, bandwidth):
         "|" + "---|" * (len(names) + 6),
     ]
     results = {}
-    for label, shape in cases.SHAPES.items():
+    for label, shape in shapes.items():
         med = summarize(measure(impls, cases.loss_inputs, shape, dtype, device, rounds))
         floor = cases.floor_bytes(shape, dtype) / bandwidth
         for mode in MODES:
@@ -92,16 +93,17 @@ def loss_table(device, dtype, rounds, bandwidth):
     return lines, results
 
 
-def objective_table(device, dtype, rounds):
+def objective_table(device, dtype, rounds, shapes=None):
     impls = cases.objective_impls(device)
     names = list(impls)
     lines = [
         "| shape | " + " | ".join(f"{n} ms" for n in names) + " | best lct vs eager | best lct vs compile |",
         "|" + "---|" * (len(names) + 3),
     ]
-    for label in ("128x4x32x32", "256x4x32x32"):
+    shapes = shapes or {k: cases.SHAPES[k] for k in ("128x4x32x32", "256x4x32x32")}
+    for label, shape in shapes.items():
         med = summarize(
-            measure(impls, cases.objective_inputs, cases.SHAPES[label], dtype, device, rounds,
+            measure(impls, cases.objective_inputs, shape, dtype, device, rounds,
                     modes=("fwd+bwd",))
         )
         row = [med[(n, "fwd+bwd")] for n in names]
@@ -113,8 +115,8 @@ def objective_table(device, dtype, rounds):
     return lines
 
 
-def layer_norm_table(device, dtype, rounds, bandwidth):
-    shapes = ln_cases.GPU_SHAPES if device == "cuda" else ln_cases.CPU_SHAPES
+def layer_norm_table(device, dtype, rounds, bandwidth, shapes=None):
+    shapes = shapes or (ln_cases.GPU_SHAPES if device == "cuda" else ln_cases.CPU_SHAPES)
     lines = []
     for label, shape in shapes.items():
         impls = ln_cases.impls(device, shape[3])
@@ -163,11 +165,11 @@ def peak_memory(impls, shape, dtype):
     return out
 
 
-def kernel_bandwidth_lines(device, dtype, bandwidth, rounds):
+def kernel_bandwidth_lines(device, dtype, bandwidth, rounds, shapes=None):
     """GPU only: the fused forward kernel alone, as a fraction of copy bandwidth."""
     lines = ["| shape | backend | kernel us | GB/s | % of copy bandwidth |", "|---|---|---|---|---|"]
-    for label in ("256x4x32x32", "64x4x64x64"):
-        shape = cases.SHAPES[label]
+    shapes = shapes or {k: cases.SHAPES[k] for k in ("256x4x32x32", "64x4x64x64")}
+    for label, shape in shapes.items():
         pred, target, weight, c = cases.loss_inputs(shape, dtype, device)
         p2, t2 = pred.detach().reshape(shape[0], -1), target.reshape(shape[0], -1)
         c_t = torch.tensor(c, dtype=torch.float64, device=device)
@@ -191,7 +193,7 @@ def plot(results, device, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(cases.SHAPES)
+    labels = list(dict.fromkeys(lab for lab, _ in results))
     impls = [n for n in next(iter(results.values())) if n != "eager"]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(impls)
@@ -220,6 +222,17 @@ def environment(device, dtype, bandwidth):
     ]
 
 
+_PRINTED = [0]  # how many report lines _flush has printed
+
+
+def _flush(lines):
+    """Print the report lines not printed yet (the same text as one print at the end), so a
+    run killed part-way, as gpu_check.sh's stage timeout does, keeps what it measured."""
+    if len(lines) > _PRINTED[0]:
+        print("\n".join(lines[_PRINTED[0]:]), flush=True)
+        _PRINTED[0] = len(lines)
+
+
 def replace_section(path, device, body):
     start, end = f"<!-- report:{device} -->", f"<!-- /report:{device} -->"
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
@@ -237,29 +250,44 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny shapes, 2 rounds, torch.compile's eager backend: checks the "
+                         "report's plumbing (gpu_check.sh --dry-run); the numbers mean nothing")
     ap.add_argument("--write", metavar="MARKDOWN", help="replace this device's section in the file")
     ap.add_argument("--plots", metavar="DIR", help="save PNG plots here")
     args = ap.parse_args(argv)
     device = args.device
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    rounds = args.rounds or (5 if args.quick else (40 if device == "cpu" else 100))
-    bandwidth = cases.copy_bandwidth(device)
+    rounds = args.rounds or (2 if args.tiny else 5 if args.quick else (40 if device == "cpu" else 100))
+    tiny = args.tiny
+    if tiny:
+        cases.COMPILE_BACKEND = "eager"
+    bandwidth = cases.copy_bandwidth(device, **({"nbytes": 4 * 2**20, "reps": 3} if tiny else {}))
 
     out = [f"### {device.upper()}: Cauchy loss (weighted, mean), forward / backward / both", ""]
     out += environment(device, dtype, bandwidth) + [f"- rounds: {rounds} (median)", ""]
-    lines, results = loss_table(device, dtype, rounds, bandwidth)
+    if tiny:
+        out += ["**Tiny plumbing run (--tiny): shapes, rounds and torch.compile backend are not "
+                "the report's; the numbers mean nothing.**", ""]
+    lines, results = loss_table(device, dtype, rounds, bandwidth,
+                                cases.TINY_SHAPES if tiny else cases.SHAPES)
     out += lines
+    _flush(out)
     out += ["", f"### {device.upper()}: consistency objective (Cauchy + 5 x diffusion), fwd+bwd", ""]
-    out += objective_table(device, dtype, rounds)
+    out += objective_table(device, dtype, rounds, dict(list(cases.TINY_SHAPES.items())[:1]) if tiny else None)
+    _flush(out)
     out += ["", f"### {device.upper()}: NsLN / fused NsLN + adaLN modulate, forward / backward / both", ""]
     out += ["Floor: read x, write y, read dy and x, write dx once each.", ""]
-    out += layer_norm_table(device, dtype, max(5, rounds // 4) if device == "cpu" else rounds, bandwidth)
-    out += [""] + bench_ot.report(device, quick=args.quick)
+    ln_rounds = rounds if tiny or device != "cpu" else max(5, rounds // 4)
+    out += layer_norm_table(device, dtype, ln_rounds, bandwidth, ln_cases.TINY_SHAPES if tiny else None)
+    _flush(out)
+    out += [""] + bench_ot.report(device, quick=args.quick, tiny=tiny)
+    _flush(out)
     if device == "cuda":
         out += ["", "### CUDA: fused forward kernel alone (loss + gradient), bytes = 3 x tensor", ""]
-        out += kernel_bandwidth_lines(device, dtype, bandwidth, rounds)
+        out += kernel_bandwidth_lines(device, dtype, bandwidth, rounds, cases.TINY_SHAPES if tiny else None)
+    _flush(out)
     body = "\n".join(out)
-    print(body)
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
         path = os.path.join(args.plots, f"cauchy_{device}.png")
