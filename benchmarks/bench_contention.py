@@ -85,10 +85,15 @@ def demo_step_case(rounds_warmup=2):
 
         bt.torchcfm_pairing = fallback
     spec, device = bt.CONFIGS["tiny"], torch.device("cpu")
-    steps = {"eager": bt.make_step("eager", spec, device), "lct": bt.make_step("lct", spec, device)}
-    for f in steps.values():
-        for _ in range(rounds_warmup):
-            f()
+    try:
+        steps = {"eager": bt.make_step("eager", spec, device),
+                 "lct": bt.make_step("lct", spec, device)}
+        for f in steps.values():
+            for _ in range(rounds_warmup):
+                f()
+    except Exception as exc:  # e.g. the trainer mid-refactor: say so, keep the op table
+        print(f"# demo step skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
     return {k: (lambda f=f: f()) for k, f in steps.items()}
 
 
