@@ -197,12 +197,13 @@ def table(results):
     return lines
 
 
-def run(reps, select=None):
+def run(reps, select=None, warmup=5):
+    """[(case name, {impl: median s})] for the cases whose name contains `select`."""
     results = []
     for name, impls in all_cases():
         if select and select not in name:
             continue
-        results.append((name, measure(impls, reps)))
+        results.append((name, measure(impls, reps, warmup)))
     return results
 
 

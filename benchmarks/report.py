@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cases  # noqa: E402
 import bench_ot  # noqa: E402
+import bench_small_shapes  # noqa: E402
 import cases_layer_norm as ln_cases  # noqa: E402
 
 import lct_kernels as L  # noqa: E402
@@ -213,10 +214,16 @@ def plot(results, device, path):
 
 def environment(device, dtype, bandwidth):
     info = L.backend_info()
-    dev = info["cuda_device"] if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpu = info.get("cpu") or {}  # CPU model and the ISA path of our kernels (and torch's)
+    dev = info["cuda_device"] if device == "cuda" else (
+        f"{cpu.get('model') or platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads")
+    isa = (f"- CPU kernels' ISA path: {cpu.get('isa', 'n/a')}; torch's CPU capability: "
+           f"{cpu.get('torch_capability', 'n/a')}")
     return [
         f"- date: {datetime.date.today().isoformat()}",
         f"- device: {device} ({dev}); dtype {str(dtype).replace('torch.', '')}",
+        *([isa] if device == "cpu" else []),
         f"- torch {torch.__version__}, triton {info['versions']['triton']}, python {info['versions']['python']}",
         f"- measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s",
     ]
@@ -283,6 +290,11 @@ def main(argv=None):
     _flush(out)
     out += [""] + bench_ot.report(device, quick=args.quick, tiny=tiny)
     _flush(out)
+    if device == "cpu":  # issue 14: per-call cost at the demo's and qk-norm's shapes
+        out += ["", "### CPU: per-call cost at the demo's shapes (fwd+bwd, interleaved medians)", ""]
+        out += bench_small_shapes.table(bench_small_shapes.run(
+            2 if tiny else 20 if args.quick else 400, warmup=1 if tiny else 5))
+        _flush(out)
     if device == "cuda":
         out += ["", "### CUDA: fused forward kernel alone (loss + gradient), bytes = 3 x tensor", ""]
         out += kernel_bandwidth_lines(device, dtype, bandwidth, rounds, cases.TINY_SHAPES if tiny else None)
