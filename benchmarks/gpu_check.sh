@@ -3,16 +3,20 @@
 # own python3 with torch 2.11.0, Triton 3.6.0, CUDA 13.0) it runs, in value order and under ONE
 # deadline: environment report, peers (offline wheels), build, GPU tests (every case, no -x),
 # registration/backend tests, compute-sanitizer memcheck + racecheck, kernel benchmarks, the
-# patched-DiT step, the training step.  A stage that does not fit in the time left is skipped
-# ("skipped: deadline"); one that overruns its budget is killed ("timeout"); a failing stage never
-# stops the later ones.  $OUT receives at most 8 files: summary.md, logs.tar.gz (every log, the
+# patched-DiT step, the training step.  Each stage has a budget and a minimum: with less than its
+# minimum left before the deadline it is skipped ("skipped: deadline"); otherwise it runs under
+# timeout for its budget or the time left, whichever is less, and is killed past it ("timeout",
+# or "timeout: deadline" when the time left was the limit).  A failing stage never stops the
+# later ones.  $OUT receives at most 8 files: summary.md, logs.tar.gz (every log, the
 # junit XML), the benchmark section, the benchmark JSON and at most 2 plots.
 #
 # The device tool call (after `make gpu-wheels` here: ~6 MB of Python 3.12 wheels, git-ignored):
 #   run(command="bash benchmarks/gpu_check.sh", carry=["wheels-gpu"], timeout_s=600)
-# A rerun of chosen stages, e.g. after a fix (the build is redone: ninja recompiles what changed):
-#   run(command="GPU_CHECK_DEADLINE=300 GPU_CHECK_STAGES='env peers build test_gpu_triton' \
-#       bash benchmarks/gpu_check.sh", carry=["wheels-gpu"], timeout_s=420)
+# The session's 15 device minutes hold that call (machine start included) and one rerun, made at
+# once while the machine is warm (30 s), of the stages a fix touched, e.g.:
+#   run(command="GPU_CHECK_DEADLINE=200 GPU_CHECK_STAGES='env peers build test_gpu_triton' \
+#       bash benchmarks/gpu_check.sh", carry=["wheels-gpu"], timeout_s=260)
+# (a warm machine keeps the ignored in-place build, so ninja recompiles only what changed)
 # On a CPU machine, the plumbing check (tiny sizes, Triton interpreter, CPU tensors, .venv):
 #   bash benchmarks/gpu_check.sh --dry-run          (make gpu-check-dry-run; about 3 min)
 #
@@ -122,6 +126,7 @@ stage_env() {
   local nvcc=${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
   [[ -x $nvcc ]] || nvcc=$(command -v nvcc || true)
   [[ -n $nvcc ]] && "$nvcc" --version | tail -n 2
+  command -v compute-sanitizer && compute-sanitizer --version | tail -n 1
   { set +x; } 2>/dev/null
   "$PY" - <<'EOF'
 import importlib.util, platform, sys
@@ -162,7 +167,8 @@ stage_peers() {
   fi
   PYTHONPATH=$OUT_TMP/peers:$PYTHONPATH "$PY" -c "
 import ot, torchcfm.optimal_transport, torch_linear_assignment, lap
-print('peers import:', 'POT', ot.__version__, '| torchcfm', torchcfm.__version__, '| lapx', lap.__version__)"
+print('ENV peers from wheels-gpu: POT', ot.__version__, '| torchcfm', torchcfm.__version__,
+      '| lapx', lap.__version__, '| torch_linear_assignment')"
 }
 
 stage_build() {
@@ -235,7 +241,7 @@ stage_bench_dit_patch() {
 stage_bench_train() {
   set -x
   if (( DRY )); then
-    "$PY" benchmarks/bench_train.py --config b2-smoke --device cpu --rounds 2 --warmup 1 \
+    "$PY" benchmarks/bench_train.py --config b2-smoke --device cpu --rounds 1 --warmup 1 \
       --json "$BENCH/bench_train.json"
   else
     "$PY" benchmarks/bench_train.py --config b2 --device cuda --rounds 20 \
@@ -277,8 +283,10 @@ run_stage bench_dit_patch 75 30 pass stage_bench_dit_patch
 run_stage bench_train 90 30 pass stage_bench_train
 
 # ---- results: at most 8 files in $OUT -------------------------------------------------------
-for f in "$BENCH"/*.md "$BENCH"/*.json; do [[ -f $f ]] && cp -f "$f" "$OUT/"; done
-ls "$BENCH"/*.png 2>/dev/null | sort | head -n 2 | while read -r f; do cp -f "$f" "$OUT/"; done
+# summary.md + logs.tar.gz, then the benchmark section and JSON, then at most 2 plots, up to 8
+{ ls "$BENCH"/BENCHMARKS.*.md "$BENCH"/bench_train.json "$BENCH"/bench_dit_patch.json
+  ls "$BENCH"/*.md "$BENCH"/*.json; ls "$BENCH"/*.png | sort | head -n 2; } 2>/dev/null \
+  | awk '!seen[$0]++' | head -n 6 | while read -r f; do cp -f "$f" "$OUT/"; done
 cp -r "$BENCH" "$LOGS/bench"   # the archive keeps every benchmark output too
 finalize
 rc=0

@@ -127,11 +127,14 @@ def bench_lines(path):
 
 
 def env_lines(work):
-    path = os.path.join(work, "logs", "env.log")
-    if not os.path.exists(path):
-        return []
-    return [line[4:].rstrip() for line in open(path, encoding="utf-8", errors="replace")
-            if line.startswith("ENV ")]
+    """The versions: ``ENV`` lines of the env and peers logs."""
+    lines = []
+    for name in ("env.log", "peers.log"):
+        path = os.path.join(work, "logs", name)
+        if os.path.exists(path):
+            lines += [line[4:].rstrip() for line in open(path, encoding="utf-8", errors="replace")
+                      if line.startswith("ENV ")]
+    return lines
 
 
 def _cell(text):
