@@ -17,6 +17,7 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
 
+.PHONY: gpu-wheels gpu-check-dry-run
 .PHONY: install peers demo report test bench cuda-check cmake-check clean
 
 $(BIN)/python:
@@ -67,6 +68,30 @@ cmake-check: $(BIN)/python
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -c "import torch; torch.ops.load_library('build/cmake/liblct_ops.so'); print('liblct_ops.so loads:', torch.ops.lct.robust_loss)"
+
+# --- GPU check ---------------------------------------------------------------------
+# Benchmark peers the GPU machine lacks (it has numpy, scipy, torch, triton, matplotlib, and
+# can reach no registry), as Python 3.12 manylinux x86_64 wheels for the device tool's carry:
+# benchmarks/gpu_check.sh installs them offline.  POT 0.9.6.post1, not 0.9.7: 0.9.7's cp312
+# wheel is 33 MB (a 174 MB bsp extension) of the 64 MiB a call may carry; 0.9.6's is 1.5 MB,
+# with the same emd.  torchcfm needs only torch, numpy and POT for optimal_transport.
+GPU_WHEELS := wheels-gpu
+GPU_PEERS := POT==0.9.6.post1 torchcfm==1.0.7 lapx==0.11.1 torch-linear-assignment==0.1.0
+GPU_WHEEL_PLATFORMS := manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 \
+  manylinux_2_27_x86_64 manylinux_2_28_x86_64
+
+$(GPU_WHEELS)/.done: Makefile
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) --no-deps -d $(GPU_WHEELS) $(GPU_PEERS)
+	ls -l $(GPU_WHEELS)
+	touch $@
+
+gpu-wheels: $(GPU_WHEELS)/.done
+
+# The GPU check's plumbing on this CPU machine (tiny sizes, Triton interpreter, .venv).
+gpu-check-dry-run: $(GPU_WHEELS)/.done
+	bash benchmarks/gpu_check.sh --dry-run
 
 clean:
 	rm -rf build build-cuda runs *.egg-info lct_kernels/*.so lct_kernels/_build_info.json
