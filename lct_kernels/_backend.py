@@ -37,6 +37,9 @@ OP_FAMILIES = {
     "ot_assign": ("lct::ot_assign",),
 }
 
+# dtypes the compiled and Triton kernels take; float64 always runs the torch reference.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 CUDA_AVAILABLE = torch.cuda.is_available()
 
@@ -137,6 +140,23 @@ def select(op, device, backend=None, caller=None):
             return name
         skipped.append(f"{name}: {reason}")
     raise BackendUnavailable(f"{caller}: no backend can run on {device_type}")  # unreachable
+
+
+def pick_backend(fn, family, x, backend):
+    """The backend that runs op family ``family`` on tensor ``x`` for public op ``fn``.
+
+    float64 always runs the torch reference (the kernels take KERNEL_DTYPES); forcing
+    another backend for float64 raises TypeError.  Otherwise :func:`select` decides.
+    """
+    if x.dtype not in KERNEL_DTYPES:
+        forced = requested_backend(backend, fn)
+        if forced not in (None, "torch"):
+            raise TypeError(
+                f"{fn}: the {forced} backend takes float32, float16 or bfloat16 inputs, got "
+                f"{x.dtype}; use backend='torch' (float64 reference) or cast the inputs"
+            )
+        return "torch"
+    return select(family, x.device, backend, fn)
 
 
 def backend_info():

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from lct_kernels.train import data as D
-from lct_kernels.train.autoencoder import DigitsAutoencoder, reconstruction_mse, train_autoencoder
+from lct_kernels.train.data import digits as DG
+from lct_kernels.train.data.autoencoder import DigitsAutoencoder, reconstruction_mse, train_autoencoder
 
 SMALL_AE = dict(latent_channels=2, ae_steps=150, ae_width=16, progress=False)
 
@@ -160,7 +161,7 @@ def test_digits_latents_second_call_loads_the_cache(digits_cache, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(D, "train_autoencoder", no_training)
+    monkeypatch.setattr(DG, "train_autoencoder", no_training)
     second = D.digits_latents(cache_dir, **{**SMALL_AE, "progress": True})  # progress: not hashed
     assert second["cache_file"] == first["cache_file"]
     for key in ("latents", "labels", "test_latents", "test_labels", "test_images"):
@@ -188,7 +189,7 @@ def test_digits_latents_retrains_over_a_corrupt_cache_with_a_warning(tmp_path, m
     with pytest.warns(UserWarning, match="unreadable"):
         again = D.digits_latents(tmp_path, **args)
     assert torch.equal(again["latents"], first["latents"])  # same seed, same autoencoder
-    monkeypatch.setattr(D, "train_autoencoder", lambda *a, **k: pytest.fail("retrained twice"))
+    monkeypatch.setattr(DG, "train_autoencoder", lambda *a, **k: pytest.fail("retrained twice"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(D.digits_latents(tmp_path, **args)["latents"], first["latents"])

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from lct_kernels.train.cli import ablate_main, eval_main, train_main  # noqa: E402
-from lct_kernels.train.evaluate import check_real_data_inputs  # noqa: E402
+from lct_kernels.eval.evaluate import check_real_data_inputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

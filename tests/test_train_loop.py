@@ -221,3 +221,26 @@ def test_training_brings_one_step_samples_closer_to_the_data(tmp_path, cache_dir
     assert np.mean(losses[-3:]) < np.mean(losses[:2])
     assert after < 0.5 * before, (before, after)
     print(f"energy distance to the data: untrained {before:.3f}, trained {after:.3f}")
+
+
+def test_periodic_evaluation_is_a_callback_the_loop_calls_on_eval_steps(tmp_path, cache_dir):
+    # run.eval_every: the loop knows no metric, it calls evaluator(trainer) on process 0
+    # at every eval step and writes the returned columns to metrics.csv.
+    over = tiny_overrides(cache_dir, **{"run.steps": 4, "run.log_every": 1, "run.eval_every": 2,
+                                        "run.ckpt_every": 4, "run.sample_every": 0})
+    cfg = build_config("demo", overrides=over)
+    with pytest.raises(ValueError, match=r"Trainer: run.eval_every=2 needs evaluator="):
+        Trainer(cfg, tmp_path / "none")
+    with pytest.raises(TypeError, match="Trainer: evaluator must be callable"):
+        Trainer(cfg, tmp_path / "bad", evaluator={"fd_1step": 1.0})
+    seen = []
+
+    def evaluator(trainer):
+        seen.append(trainer.step)
+        return {"fd_1step": 10.0 + trainer.step}
+
+    Trainer(cfg, tmp_path / "run", evaluator=evaluator).train()
+    assert seen == [2, 4]
+    with open(tmp_path / "run" / "metrics.csv", newline="") as fh:
+        rows = {int(r["step"]): r["fd_1step"] for r in csv.DictReader(fh)}
+    assert rows == {1: "", 2: "12.0", 3: "", 4: "14.0"}

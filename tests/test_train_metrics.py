@@ -12,8 +12,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from lct_kernels.train import digit_classifier as DC
-from lct_kernels.train import metrics as M
+from lct_kernels.eval import digit_classifier as DC
+from lct_kernels.eval import metrics as M
 from lct_kernels.train.data import load_digits_split
 
 SMALL_STEPS = 200  # ~2 s on one thread, ~97% held-out accuracy

@@ -19,7 +19,8 @@ import torch
 
 from .. import _validate as V
 from . import _fused_grad
-from .robust_loss import loss_kind, pick_backend, rho_reference
+from .._backend import pick_backend
+from .robust_loss import loss_kind, rho_reference
 
 
 def consistency_objective_reference(

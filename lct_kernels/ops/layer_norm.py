@@ -27,7 +27,7 @@ import torch
 
 from .. import _validate as V
 from . import _fused_grad
-from .robust_loss import pick_backend
+from .._backend import pick_backend
 
 
 # ----------------------------------------------------------------------------

@@ -25,13 +25,12 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
+from .._backend import pick_backend
 from .. import _validate as V
 from . import _fused_grad
 
 LOSS_KINDS = {"cauchy": 0, "pseudo_huber": 1, "geman_mcclure": 2}
 LOSS_ALIASES = {"huber": "pseudo_huber", "gm": "geman_mcclure"}  # the paper code's names
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def loss_kind(fn, name):
@@ -148,19 +147,6 @@ def fused_op(backend):
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
-def pick_backend(fn, family, x, backend):
-    """Backend for x; float64 runs the torch reference (the kernels are fp32/fp16/bf16)."""
-    if x.dtype not in KERNEL_DTYPES:
-        forced = _backend.requested_backend(backend, fn)
-        if forced not in (None, "torch"):
-            raise TypeError(
-                f"{fn}: the {forced} backend takes float32, float16 or bfloat16 inputs, got "
-                f"{x.dtype}; use backend='torch' (float64 reference) or cast the inputs"
-            )
-        return "torch"
-    return _backend.select(family, x.device, backend, fn)
-
-
 def _robust_loss(fn, kind, pred, target, c, weight, reduction, elementwise, backend):
     V.batched(fn, "pred", pred)
     V.like(fn, "pred", pred, "target", target)

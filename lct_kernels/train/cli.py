@@ -67,6 +67,7 @@ def _overrides(args):
 
 def train_main(argv=None):
     from .checkpoint import CheckpointError
+    from ..eval.evaluate import PeriodicDigitsEval
     from .loop import Trainer, TrainingDiverged
 
     parser = train_parser()
@@ -82,7 +83,9 @@ def train_main(argv=None):
 
     try:
         resume = args.resume_from or args.resume or None
-        trainer = Trainer(cfg, out, resume=resume, overwrite=args.overwrite)
+        # run.eval_every's metrics come from the eval package; the loop only calls them.
+        trainer = Trainer(cfg, out, resume=resume, overwrite=args.overwrite,
+                          evaluator=PeriodicDigitsEval())
         summary = trainer.train(stop_after=args.stop_after)
     except (CheckpointError, TrainingDiverged, ConfigError, FileNotFoundError, FileExistsError,
             ImportError, ValueError) as exc:
@@ -199,7 +202,7 @@ def _find_checkpoint(path):
 
 def eval_main(argv=None):
     from .checkpoint import CheckpointError
-    from .evaluate import check_real_data_inputs, evaluate_digits, real_data_metrics, write_report
+    from ..eval.evaluate import check_real_data_inputs, evaluate_digits, real_data_metrics, write_report
     from .loop import load_for_sampling, resolve_device
 
     parser = eval_parser()
@@ -221,7 +224,7 @@ def eval_main(argv=None):
                                      seed=args.seed, sigma_mid=sigma_mid, device=device)
             if search is not None:
                 result["sigma_mid_search"] = search
-            from .data import load_digits_split
+            from .data.digits import load_digits_split
 
             real = load_digits_split(holdout=cfg.data.holdout, seed=0)["test_images"]
             path = write_report(result, out, real)
@@ -251,7 +254,7 @@ def eval_main(argv=None):
 
 def _search_sigma_mid(model, state, cfg, decode, args, device):
     """Ternary search (log sigma) of the 2-step sigma_mid minimising the FD (fixed seed)."""
-    from .evaluate import digits_reference, evaluate_digits
+    from ..eval.evaluate import digits_reference, evaluate_digits
     from .pipeline import default_cache_dir
     from .sampling import search_sigma_mid
 
@@ -279,7 +282,7 @@ def _print_eval(result):
 def _write_images(model, state, cfg, decode, steps, n, seed, device, sigma_mid, folder):
     from PIL import Image
 
-    from .evaluate import _generate
+    from ..eval.evaluate import _generate
     from .sampling import default_sigma_mid
 
     o = cfg.objective
@@ -309,7 +312,7 @@ def ablate_parser():
 
 
 def ablate_main(argv=None):
-    from .ablation import bar_plot, markdown_table, run_ablation
+    from ..eval.ablation import bar_plot, markdown_table, run_ablation
 
     parser = ablate_parser()
     args = parser.parse_args(argv)

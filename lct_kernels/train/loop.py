@@ -61,9 +61,16 @@ class Trainer:
 
     Under torchrun (WORLD_SIZE > 1) it trains data-parallel: ``optim.batch_size``
     is the global batch, each process takes an equal share, process 0 alone
-    writes logs, samples and checkpoints."""
+    writes logs, samples and checkpoints.
 
-    def __init__(self, cfg, out_dir, resume=None, data=None, overwrite=False):
+    ``evaluator``: the periodic evaluation of ``run.eval_every``, a callable
+    ``evaluator(trainer) -> dict`` of metric columns (see EVAL_FIELDS), called on
+    process 0 every eval_every steps.  The loop knows no metric: the CLI passes
+    :class:`lct_kernels.eval.evaluate.PeriodicDigitsEval` (the trainer and the
+    evaluation never import each other).  run.eval_every > 0 without an evaluator
+    is an error."""
+
+    def __init__(self, cfg, out_dir, resume=None, data=None, overwrite=False, evaluator=None):
         self.out = Path(out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.sample_dir = self.out / "samples"
@@ -88,6 +95,14 @@ class Trainer:
             cfg = self._merge_resumed_config(state["config"], cfg)
         self.cfg = cfg
         r = cfg.run
+        if evaluator is not None and not callable(evaluator):
+            raise TypeError(f"Trainer: evaluator must be callable (trainer -> dict), "
+                            f"got {type(evaluator).__name__}")
+        if r.eval_every and evaluator is None:
+            raise ValueError(
+                f"Trainer: run.eval_every={r.eval_every} needs evaluator= (a callable trainer -> "
+                "dict, e.g. lct_kernels.eval.evaluate.PeriodicDigitsEval()), or run.eval_every=0")
+        self.evaluator = evaluator
         self.device = resolve_device(r.device, local_rank)
         self.autocast = (r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda"))
         self.backend = r.backend or None
@@ -364,28 +379,8 @@ class Trainer:
         return paths
 
     def evaluate(self):
-        """run.eval_every: FD and precision/recall of the EMA model's 1- and 2-step samples
-        (digits only; other data sets need real images and Inception weights: lct-eval)."""
-        if self.data.decoder.get("kind") != "digits":
-            return {}
-        from .evaluate import digits_reference, evaluate_digits
-        from .pipeline import default_cache_dir
-
-        state = {"num_classes": self.data.num_classes, "latent_shape": self.data.latent_shape,
-                 "decoder": self.data.decoder, "latent_stats": self.data.stats.state_dict()}
-        if "eval_ref" not in self._grids:
-            self._grids["eval_ref"] = digits_reference(
-                state, self.cfg, self.cfg.data.cache_dir or default_cache_dir())
-        if "decode" not in self._grids:
-            self._grids["decode"] = make_decoder(self.data.decoder, self.data.stats, self.device)
-        result = evaluate_digits(self.ema, state, self.cfg, self._grids["decode"], n=self.cfg.run.eval_n,
-                                 device=self.device, reference=self._grids["eval_ref"])
-        row = {}
-        for k, e in result["steps"].items():
-            row[f"fd_{k}step"] = e["fd"]
-            row[f"precision_{k}step"] = e["precision"]
-            row[f"recall_{k}step"] = e["recall"]
-        return row
+        """run.eval_every: the metric columns from ``self.evaluator(self)`` ({} without one)."""
+        return {} if self.evaluator is None else dict(self.evaluator(self))
 
     def _open_metrics(self):
         path = self.out / "metrics.csv"
@@ -511,7 +506,7 @@ class Trainer:
 def load_for_sampling(ckpt_path, device="cpu", use_ema=True):
     """(model, state, decoder, cfg) from a checkpoint, ready for ``sampling.sample``."""
     from .checkpoint import load_checkpoint
-    from .data import LatentStats
+    from .data.stats import LatentStats
 
     state = load_checkpoint(ckpt_path)
     cfg = from_dict(state["config"])

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_lib
+from .data import digits as digits_data
+from .data import images as image_data
+from .data import latent_files
+from .data.stats import LatentStats
 from .model import build_dit
 
 
@@ -34,7 +37,7 @@ class TrainingData:
     latents: torch.Tensor
     labels: torch.Tensor | None
     num_classes: int
-    stats: data_lib.LatentStats
+    stats: LatentStats
     decoder: dict
     test: dict | None = None
 
@@ -49,7 +52,7 @@ def prepare_data(cfg, progress=True):
     d = cfg.data
     test = None
     if d.source == "digits":
-        bundle = data_lib.digits_latents(
+        bundle = digits_data.digits_latents(
             d.cache_dir or default_cache_dir(), holdout=d.holdout, seed=0,
             latent_channels=d.latent_channels, ae_steps=d.ae_steps, ae_width=d.ae_width,
             progress=progress,
@@ -61,11 +64,11 @@ def prepare_data(cfg, progress=True):
                 "images": bundle["test_images"]}
         num_classes = bundle["num_classes"]
     elif d.source == "latents":
-        raw, labels = data_lib.load_latents_file(d.latents)
+        raw, labels = latent_files.load_latents_file(d.latents)
         decoder = {"kind": "none"}
         num_classes = int(labels.max()) + 1 if labels is not None else 0
     else:
-        raw, labels, names = data_lib.encode_image_folder(
+        raw, labels, names = image_data.encode_image_folder(
             d.images, d.vae, image_size=d.image_size, progress=progress,
             device="cuda" if torch.cuda.is_available() else "cpu",
         )
@@ -73,7 +76,7 @@ def prepare_data(cfg, progress=True):
         num_classes = len(names) if labels is not None else 0
     if not d.conditional or labels is None:
         labels, num_classes = None, 0
-    stats = data_lib.LatentStats.compute(raw, target_std=d.latent_std)
+    stats = LatentStats.compute(raw, target_std=d.latent_std)
     if test is not None:
         test["latents"] = stats.standardize(test["latents"])
     return TrainingData(stats.standardize(raw).float().contiguous(), labels, num_classes, stats,
@@ -85,7 +88,7 @@ def make_decoder(decoder, stats, device="cpu"):
     (n, channels, h, w), or None when the run has no decoder (a latents file)."""
     kind = decoder.get("kind", "none")
     if kind == "digits":
-        from .autoencoder import DigitsAutoencoder
+        from .data.autoencoder import DigitsAutoencoder
 
         ae = DigitsAutoencoder(**decoder["config"])
         ae.load_state_dict(decoder["state"])

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import epoch_batches
+
 __all__ = ["DigitsAutoencoder", "train_autoencoder", "kl_to_standard_normal", "reconstruction_mse"]
 
 IMAGE_SHAPE = (1, 8, 8)
@@ -186,8 +188,6 @@ def train_autoencoder(
 
 def _train(data, latent_channels, width, steps, batch_size, lr, kl_weight, seed, progress):
     from tqdm.auto import tqdm  # optional `train` extra; only needed here
-
-    from .data import epoch_batches  # (data imports this module at load time)
 
     n = data.shape[0]
     batch_size = min(batch_size, n)

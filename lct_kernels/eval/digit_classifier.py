@@ -8,7 +8,7 @@ bundled 8x8 digits an Inception network makes no sense, so we train a tiny one h
     preds = predict_digits(model, images)              # (N,) int64
 
 Images are (N, 1, 8, 8) float32 in [-1, 1], as produced by
-:func:`lct_kernels.train.data.load_digits_split` and the digits autoencoder's decoder.
+:func:`lct_kernels.train.data.digits.load_digits_split` and the digits autoencoder's decoder.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoencoder import _check_images
-from .data import (NUM_DIGIT_CLASSES, _atomic_torch_save, cache_path, epoch_batches,
-                   load_digits_split)
+from ..train.data.autoencoder import _check_images
+from ..train.data.common import atomic_torch_save, cache_path, epoch_batches
+from ..train.data.digits import NUM_DIGIT_CLASSES, load_digits_split
 
 __all__ = ["DigitClassifier", "train_digit_classifier", "load_digit_classifier",
            "digit_features", "predict_digits", "DEFAULT_STEPS"]
@@ -289,7 +289,7 @@ def load_digit_classifier(cache_dir: str | os.PathLike, *, holdout: int = 297, s
         # Looked up on the module at call time, so tests can stub the trainer out.
         model = train_digit_classifier(split["train_images"], split["train_labels"],
                                        steps=steps, seed=seed, progress=progress)
-        _atomic_torch_save({"version": _CACHE_VERSION, "args": args,
+        atomic_torch_save({"version": _CACHE_VERSION, "args": args,
                             "config": dict(model.config), "state": model.state_dict()},
                            cache_file)
 

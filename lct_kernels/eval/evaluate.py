@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
-from .data import LatentStats, load_digits_split
-from .plots import image_grid
-from .sampling import default_sigma_mid, sample
+from ..train.data.digits import load_digits_split
+from ..train.data.stats import LatentStats
+from ..train.plots import image_grid
+from ..train.sampling import default_sigma_mid, sample
 
 K_NEAREST = 3
 
@@ -49,7 +50,7 @@ def _generate(model, state, cfg, steps, n, seed, device, sigma_mid, batch=500):
 def digits_reference(state, cfg, cache_dir):
     """Held-out images and latents (encoded with the run's own autoencoder), the
     training images, and the cached classifier."""
-    from .autoencoder import DigitsAutoencoder
+    from ..train.data.autoencoder import DigitsAutoencoder
     from .digit_classifier import load_digit_classifier
 
     split = load_digits_split(holdout=cfg.data.holdout, seed=0)
@@ -75,7 +76,7 @@ def evaluate_digits(model, state, cfg, decode, steps=(1, 2), n=1000, seed=0, sig
     Returns {"classifier_test_accuracy", "fd_train_vs_heldout", "n", "steps": {
     "1": {...}, "2": {...}}}, plus the generated images under "images" (not JSON)."""
     from .digit_classifier import digit_features, predict_digits
-    from .pipeline import default_cache_dir
+    from ..train.pipeline import default_cache_dir
 
     ref = reference or digits_reference(state, cfg, cache_dir or cfg.data.cache_dir
                                         or default_cache_dir())
@@ -110,6 +111,43 @@ def evaluate_digits(model, state, cfg, decode, steps=(1, 2), n=1000, seed=0, sig
         result["steps"][str(k)] = entry
         result["images"][str(k)] = images
     return result
+
+
+class PeriodicDigitsEval:
+    """The trainer's periodic evaluation (``run.eval_every``), passed to
+    ``Trainer(..., evaluator=PeriodicDigitsEval())`` by ``lct-train``.
+
+    ``evaluator(trainer)`` returns {"fd_1step", "precision_1step", "recall_1step",
+    "fd_2step", ...}: :func:`evaluate_digits` of the EMA model on ``run.eval_n``
+    samples, or {} for data that is not the digits (other data sets need real images
+    and Inception weights: ``lct-eval``).  The held-out reference and the decoder are
+    built on the first call and reused.
+    """
+
+    def __init__(self):
+        self._reference = None
+        self._decode = None
+
+    def __call__(self, trainer):
+        from ..train.pipeline import default_cache_dir, make_decoder
+
+        data, cfg = trainer.data, trainer.cfg
+        if data.decoder.get("kind") != "digits":
+            return {}
+        state = {"num_classes": data.num_classes, "latent_shape": data.latent_shape,
+                 "decoder": data.decoder, "latent_stats": data.stats.state_dict()}
+        if self._reference is None:
+            self._reference = digits_reference(state, cfg, cfg.data.cache_dir or default_cache_dir())
+        if self._decode is None:
+            self._decode = make_decoder(data.decoder, data.stats, trainer.device)
+        result = evaluate_digits(trainer.ema, state, cfg, self._decode, n=cfg.run.eval_n,
+                                 device=trainer.device, reference=self._reference)
+        row = {}
+        for k, e in result["steps"].items():
+            row[f"fd_{k}step"] = e["fd"]
+            row[f"precision_{k}step"] = e["precision"]
+            row[f"recall_{k}step"] = e["recall"]
+        return row
 
 
 def check_real_data_inputs(real_dir, inception_weights):

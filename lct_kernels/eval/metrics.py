@@ -7,7 +7,7 @@
     sw = sliced_wasserstein(real, fake)                     # any (N, ...) samples
     hist = class_histogram(predicted_labels, num_classes)   # counts, coverage, entropy
 
-Features usually come from :func:`lct_kernels.train.digit_classifier.digit_features`
+Features usually come from :func:`lct_kernels.eval.digit_classifier.digit_features`
 (the digits) but nothing here depends on where they come from. Inputs may be any
 real floating / integer tensors on any device; they are copied to the CPU in
 float64, so results do not depend on the input dtype's rounding beyond the input

@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import build_config
+from ..train.config import build_config
 
 # (name, overrides on the `ict` preset), cumulative in the paper's order.
 _ICT = {}
@@ -48,8 +48,8 @@ def run_ablation(budget, seeds, out_dir, extra=(), n_eval=1000, progress=True):
     from tqdm.auto import tqdm
 
     from .evaluate import digits_reference, evaluate_digits
-    from .loop import Trainer
-    from .pipeline import default_cache_dir, make_decoder, prepare_data
+    from ..train.loop import Trainer
+    from ..train.pipeline import default_cache_dir, make_decoder, prepare_data
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
