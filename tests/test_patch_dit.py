@@ -328,6 +328,46 @@ def test_blocks_with_another_forward_are_refused_and_left_alone(block, why):
     assert rel(model(x, t).detach(), ref(x, t).detach()) < 1e-5
 
 
+class HiddenEpsNorm(nn.Module):  # a modulated norm whose eps (1e-4) is not an attribute
+    def __init__(self, dim, expose=False):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim))
+        if expose:
+            self.eps = 1e-4
+
+    def forward(self, x, shift, scale):
+        h = F.layer_norm(x, (x.shape[-1],), None, self.bias, 1e-4)
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+
+class ModulatedBlock(DiTBlock):  # the trainer's layout: the norm applies the modulation
+    def __init__(self, *a, expose=False, **k):
+        super().__init__(*a, **k)
+        self.norm1 = HiddenEpsNorm(self.norm2.normalized_shape[0], expose)
+        self.norm2 = HiddenEpsNorm(self.norm2.normalized_shape[0], expose)
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(self.norm1(x, shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(self.norm2(x, shift_mlp, scale_mlp))
+
+
+def test_modulated_norms_need_the_right_eps():
+    # without an eps attribute DiT's 1e-6 is assumed: the probe's small-variance rows see
+    # the difference and the blocks are refused
+    with pytest.warns(UserWarning, match="eps=1e-06"):
+        assert patch_dit(DiT(block=ModulatedBlock)) == 1
+    model = DiT(block=lambda *a, **k: ModulatedBlock(*a, expose=True, **k))
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.norm1.bias.normal_()
+    ref64 = copy.deepcopy(model).double()
+    assert patch_dit(model) == 3
+    x, t = inputs()
+    assert_matches(model, ref64, x * 1e-3, t, tol=1e-4)  # small variance: eps matters
+
+
 def test_other_refusals():
     model = DiT(depth=3)
     model.blocks[0].adaLN_modulation[1] = nn.Linear(64, 5 * 64)

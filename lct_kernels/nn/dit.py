@@ -195,33 +195,47 @@ class _Call(nn.Module):
 
 
 def _probe(module, kind, layout, D, norms):
-    """Check the module computes DiT's math, on random float64 weights and inputs.
+    """Check the module computes DiT's math, in float64 on random inputs.
 
-    adaLN-zero initialises the gates to zero, so the module's own weights would
-    hide a different forward: the probe draws fresh ones (the module's own are
-    untouched) and compares the module's forward with DiT's, written out."""
-    gen = torch.Generator().manual_seed(0)
+    adaLN-zero initialises the modulation and the final linear to zero, which would
+    hide a different forward: adaLN_modulation's parameters and every parameter that
+    is all zeros are drawn at random for the probe; the others are float64 copies
+    of the module's own (which are never changed)."""
     ref = next((p for p in module.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def draw(shape, std):
-        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(device)
+        return torch.randn(shape, generator=gen, dtype=torch.float64, device=device) * std
 
-    state = {}
-    for name, p in module.named_parameters():
-        state["target." + name] = draw(p.shape, 1 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.5)
-    for name, b in module.named_buffers():
-        state["target." + name] = b.to(torch.float64) if b.is_floating_point() else b
-    # Rows at unit and at 1e-3 scale: the latter have a variance comparable to eps,
-    # so a norm with another eps is caught too.
-    x = draw((2, 5, D), 1.0) * torch.tensor([1.0, 1e-3, 1.0, 1e-3, 1.0], dtype=torch.float64,
-                                            device=device)[:, None]
-    c = draw((2, D), 1.0)
+    def draw_param(shape):
+        # rank one (u v^T / sqrt(fan-in)) for matrices: per-sample modulation that varies
+        # with c, for O(rows + columns) random numbers instead of a full matrix of them
+        if len(shape) < 2:
+            return draw(shape, 0.5)
+        fan_in = math.prod(shape[1:])
+        return (draw((shape[0], 1), 1.0) * draw((1, fan_in), 1 / math.sqrt(fan_in))).view(shape)
+
+    adaln = {id(p) for p in module.adaLN_modulation.parameters()}
+    probed = (module if layout == "layernorm" else
+              nn.ModuleDict({n: getattr(module, n) for n in norms}))
     original = type(module).forward
     modes = {m: m.training for m in module.modules()}
     module.eval()  # dropout off: the comparison must be deterministic
     try:
         with torch.no_grad():
+            state = {}
+            for name, p in probed.named_parameters():
+                if id(p) in adaln or not p.any():
+                    p = draw_param(p.shape)
+                state["target." + name] = p.detach().to(torch.float64)
+            for name, b in probed.named_buffers():
+                state["target." + name] = b.to(torch.float64) if b.is_floating_point() else b
+            # Rows at unit and at 1e-3 scale: the latter have a variance comparable to eps,
+            # so a norm with another eps is caught too.
+            x = draw((2, 5, D), 1.0) * torch.tensor([1.0, 1e-3, 1.0, 1e-3, 1.0],
+                                                    dtype=torch.float64, device=device)[:, None]
+            c = draw((2, D), 1.0)
             if layout == "layernorm":
                 math_fn = _block_math if kind == "block" else _final_math
                 got = torch.func.functional_call(_Call(module, original), state, (x, c))
@@ -235,9 +249,9 @@ def _probe(module, kind, layout, D, norms):
                     shift, scale = draw((2, D), 1.0), draw((2, D), 1.0)
                     norm = getattr(module, n)
                     eps = getattr(norm, "eps", _DIT_EPS)
-                    sub = {k[len("target." + n + "."):]: v for k, v in state.items()
-                           if k.startswith("target." + n + ".")}
-                    sub = {"target." + k: v for k, v in sub.items()}
+                    prefix = f"target.{n}."
+                    sub = {"target." + k[len(prefix):]: v for k, v in state.items()
+                           if k.startswith(prefix)}
                     got = torch.func.functional_call(_Call(norm, type(norm).forward), sub,
                                                      (x, shift, scale))
                     want = torch.func.functional_call(
@@ -294,9 +308,12 @@ def patch_dit(model, non_scaling=False, qk_norm=True):
     else DiT's 1e-6; ``bias`` (D,) or None; no weight).
 
     How: the forward is not read, it is *tested*.  Each candidate runs once on
-    random float64 weights and inputs (its own weights untouched, dropout off,
-    no hooks of the module itself) against DiT's math written out with its own
-    submodules.  If it matches, a block's (final layer's) ``forward`` becomes
+    float64 inputs (float64 copies of its weights, with adaLN_modulation's and
+    all-zero ones drawn at random, since adaLN-zero's zeros would hide any
+    difference; its own weights untouched, dropout off, no hooks of the module
+    itself) against DiT's math written out with its own submodules: a float64
+    copy of one block at a time, on the model's device (a few seconds for a
+    DiT-XL on a CPU).  If it matches, a block's (final layer's) ``forward`` becomes
     DiT's forward with the fused kernel, set on the instance (the class and
     every other instance are untouched); a modulated norm's ``forward`` becomes
     the kernel.  The LayerNorms are switched to ``FusedLayerNorm`` /
