@@ -18,9 +18,13 @@ The grid is (groups, chunks): each program owns a fixed chunk of one group's
 rows, writes their dx and accumulates fp32 partial sums p1 = sum dy and
 p2 = sum dy * xhat over them in registers, then stores them to its own slot of
 a (G * chunks, 2, D) buffer.  The final reduction over chunks is a plain sum in
-chunk order (deterministic, no atomics).  Long rows keep the partials in that
-buffer instead (read-modify-write of the program's own slot).  Bytes: read
-2 s M D (+ 8 M), write s M D + 8 G chunks D.
+chunk order (deterministic, no atomics).  chunks <= MAX_GRID_Y (CUDA's grid-y
+limit): past it the chunks grow (backward_grid).  Rows up to BWD_MAX_ONE_BLOCK
+are [ROWS, BLOCK_D] tiles of BWD_TILE_ELEMS elements (backward_config); longer
+rows loop and keep the partials in that buffer instead (read-modify-write of
+the program's own slot).  Bytes: read 2 s M D (+ 8 M), write s M D + 8 G chunks D.
+
+Launches run inside ``device_guard`` (the tensor's CUDA device is made current).
 
 Everything also runs under TRITON_INTERPRET=1 on CPU tensors.  The float64
 reference is ``lct_kernels.ops.layer_norm.layer_norm_reference``.
@@ -29,9 +33,14 @@ reference is ``lct_kernels.ops.layer_norm.layer_norm_reference``.
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
+
 MAX_ONE_BLOCK = 16384
 LOOP_BLOCK = 4096
 TASK_ELEMS = 32768  # backward elements per program (more chunks = more parallelism)
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (the backward's chunks)
+BWD_TILE_ELEMS = 2048  # backward [ROWS, BLOCK_D] tile: dy, x, xhat, dx live at once
+BWD_MAX_ONE_BLOCK = 8192  # longer rows loop in the backward (16384 on 16 warps spilled)
 
 
 @triton.jit
@@ -239,8 +248,12 @@ def _ln_bwd_kernel(
                     tl.store(dx_ptr + r * D + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-def _tiles(D):
-    """(ONE_BLOCK, BLOCK_D, ROWS, num_warps) for rows of D elements."""
+def forward_config(D):
+    """(ONE_BLOCK, BLOCK_D, ROWS, num_warps) of the forward for rows of D >= 0 elements.
+
+    Rows up to MAX_ONE_BLOCK: [ROWS, BLOCK_D] tiles of about 4096 elements, one
+    warp per 1024 of them (at most 16 warps).  Longer rows: one row per program,
+    LOOP_BLOCK tiles, 8 warps."""
     if D <= MAX_ONE_BLOCK:
         block = max(16, triton.next_power_of_2(D))
         rows = max(1, min(64, 4096 // block))
@@ -248,9 +261,35 @@ def _tiles(D):
     return False, LOOP_BLOCK, 1, 8
 
 
-def chunks_for(group_rows, D):
+def backward_config(D):
+    """(ONE_BLOCK, BLOCK_D, ROWS, num_warps) of the backward for rows of D >= 0 elements.
+
+    The backward holds dy, x (or y), xhat and dx of its tile at once, so its
+    tiles have BWD_TILE_ELEMS elements (the forward's 4096 made ptxas spill at
+    D = 64: 64 x 64 tiles on 4 warps, 255 registers + 470 B), with one warp per
+    512 of them (at most 16), and rows longer than BWD_MAX_ONE_BLOCK loop (one
+    16384 block on 16 warps spilled 0.5-2 KB).  Resources per configuration:
+    docs/gpu_resources.md."""
+    if D <= BWD_MAX_ONE_BLOCK:
+        block = max(16, triton.next_power_of_2(D))
+        rows = max(1, min(64, BWD_TILE_ELEMS // block))
+        return True, block, rows, max(1, min(16, block * rows // 512))
+    return False, LOOP_BLOCK, 1, 8
+
+
+def backward_grid(group_rows, D):
+    """(chunks, rows_per_chunk) of the backward grid (G, chunks) for groups of group_rows.
+
+    About TASK_ELEMS elements per program, but at most MAX_GRID_Y chunks (read at
+    call time): beyond that the chunks grow instead.  Chunk c covers the rows
+    [c * rows_per_chunk, min((c + 1) * rows_per_chunk, group_rows)) of its group;
+    every chunk is non-empty and together they cover the group exactly once."""
+    if group_rows < 1:
+        raise ValueError(f"layer_norm backward: group_rows must be >= 1, got {group_rows}")
     rows_per_task = max(1, TASK_ELEMS // max(D, 1))
-    return max(1, -(-group_rows // rows_per_task))
+    chunks = min(max(1, -(-group_rows // rows_per_task)), MAX_GRID_Y)
+    rows_per_chunk = -(-group_rows // chunks)
+    return -(-group_rows // rows_per_chunk), rows_per_chunk
 
 
 def layer_norm_forward(x, weight, bias, shift, scale, eps, group_rows):
@@ -263,16 +302,17 @@ def layer_norm_forward(x, weight, bias, shift, scale, eps, group_rows):
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, mean, rstd
-    one_block, block, rows, warps = _tiles(D)
+    one_block, block, rows, warps = forward_config(D)
     grid = (triton.cdiv(M, rows) if one_block else M,)
     dummy = mean
-    _ln_fwd_kernel[grid](
-        x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        shift if shift is not None else dummy, scale if scale is not None else dummy, mean, rstd,
-        M, D, x.stride(0), group_rows, float(eps),
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
-        ROWS=rows, BLOCK_D=block, ONE_BLOCK=one_block, num_warps=warps,
-    )
+    with device_guard(x):
+        _ln_fwd_kernel[grid](
+            x, y, weight if weight is not None else dummy, bias if bias is not None else dummy,
+            shift if shift is not None else dummy, scale if scale is not None else dummy, mean,
+            rstd, M, D, x.stride(0), group_rows, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=shift is not None,
+            ROWS=rows, BLOCK_D=block, ONE_BLOCK=one_block, num_warps=warps,
+        )
     return y, mean, rstd
 
 
@@ -288,21 +328,21 @@ def layer_norm_backward(dy, xy, mean, rstd, weight, bias, scale, group_rows, xy_
     if M == 0 or not (need_dx or need_partials):
         return dx, torch.zeros((G if need_partials else 0, D), **f32), torch.zeros(
             (G if need_partials else 0, D), **f32)
-    one_block, block, rows, warps = _tiles(D)
-    chunks = chunks_for(group_rows, D)
-    rows_per_chunk = -(-group_rows // chunks)
+    one_block, block, rows, warps = backward_config(D)
+    chunks, rows_per_chunk = backward_grid(group_rows, D)
     alloc = torch.zeros if not one_block else torch.empty
     part = alloc((G * chunks if need_partials else 1, 2, D), **f32)
     dummy = rstd
-    _ln_bwd_kernel[(G, chunks)](
-        dy, xy, mean, rstd, weight if weight is not None else dummy,
-        bias if bias is not None else dummy, scale if scale is not None else dummy,
-        dx if need_dx else dummy, part, D, dy.stride(0), xy.stride(0), group_rows,
-        rows_per_chunk, chunks,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=scale is not None,
-        XY_IS_Y=bool(xy_is_y), NEED_DX=bool(need_dx), NEED_PARTIALS=bool(need_partials),
-        ROWS=rows, BLOCK_D=block, ONE_BLOCK=one_block, num_warps=warps,
-    )
+    with device_guard(dy):
+        _ln_bwd_kernel[(G, chunks)](
+            dy, xy, mean, rstd, weight if weight is not None else dummy,
+            bias if bias is not None else dummy, scale if scale is not None else dummy,
+            dx if need_dx else dummy, part, D, dy.stride(0), xy.stride(0), group_rows,
+            rows_per_chunk, chunks,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=scale is not None,
+            XY_IS_Y=bool(xy_is_y), NEED_DX=bool(need_dx), NEED_PARTIALS=bool(need_partials),
+            ROWS=rows, BLOCK_D=block, ONE_BLOCK=one_block, num_warps=warps,
+        )
     if not need_partials:
         empty = torch.zeros((0, D), **f32)
         return dx, empty, empty.clone()

@@ -26,7 +26,10 @@ Status codes follow lct::lap_status.  Runs under TRITON_INTERPRET=1.
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
+
 MAX_M = 8192
+WARPS_CAP = 8  # warps per program (block_config)
 # Status codes (lct::lap_status).  tl.constexpr globals: the compiler rejects plain
 # Python globals read inside a @triton.jit function (the interpreter does not).
 OK = tl.constexpr(0)
@@ -209,8 +212,27 @@ def _lap_kernel(
     tl.store(status_ptr + b, status)
 
 
+def block_config(M):
+    """(BLOCK_M, num_warps) of the launch for problems of M columns (1 <= M <= MAX_M).
+
+    BLOCK_M is the register vector length (M rounded up to a power of two, >= 16),
+    with one warp per 256 columns, at most WARPS_CAP.  The search keeps about
+    eight 32-bit registers per column live (d, v float64; y, pred int32; settled
+    and column masks), so BLOCK_M = 4096 and 8192 cannot stay in the 64K-register
+    file of an SM whatever the warp count, and ptxas spills (8-16 B and about
+    0.5-0.8 KB per thread; more warps only lower the per-thread register cap):
+    see docs/gpu_resources.md."""
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"ot_assign: block_config: M must be in [1, {MAX_M}], got {M}")
+    block = max(16, triton.next_power_of_2(M))
+    return block, max(1, min(WARPS_CAP, block // 256))
+
+
 def ot_assign(cost, sizes):
-    """Triton implementation of lct::ot_assign (schema in csrc/ops.cpp)."""
+    """Triton implementation of lct::ot_assign (schema in csrc/ops.cpp).
+
+    cost: (B, N, M) float32/float64 contiguous; sizes: (B, 2) int64 or None.
+    Returns x (B, N) int64, u (B, N) float64, v (B, M) float64, status (B,) int32."""
     import torch
 
     B, N, M = cost.shape
@@ -223,9 +245,9 @@ def ot_assign(cost, sizes):
     status = torch.empty((B,), dtype=torch.int32, device=dev)
     if B == 0:
         return x, u, v, status
-    block = max(16, triton.next_power_of_2(max(M, 1)))
+    block, warps = block_config(max(M, 1))
     has_sizes = sizes is not None
-    _lap_kernel[(B,)](cost, sizes.to(dev) if has_sizes else status, x, u, v, status, N, M,
-                      HAS_SIZES=has_sizes, BLOCK_M=block,
-                      num_warps=max(1, min(8, block // 256)))
+    with device_guard(cost):
+        _lap_kernel[(B,)](cost, sizes.to(dev) if has_sizes else status, x, u, v, status, N, M,
+                          HAS_SIZES=has_sizes, BLOCK_M=block, num_warps=warps)
     return x, u, v, status

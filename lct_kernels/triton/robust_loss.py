@@ -34,6 +34,8 @@ Everything here also runs under ``TRITON_INTERPRET=1`` on CPU tensors.
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
+
 MAX_ONE_BLOCK = 16384  # elements kept on chip per row
 LOOP_BLOCK = 4096
 
@@ -223,8 +225,12 @@ def _consistency_objective_kernel(
                 tl.store(g_row + offs, (a * u + b * v).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_config(n):
-    """(ONE_BLOCK, BLOCK, num_warps) for rows of n elements."""
+def row_config(n):
+    """(ONE_BLOCK, BLOCK, num_warps) of the launch for rows of n >= 0 elements.
+
+    Rows up to MAX_ONE_BLOCK stay in registers (BLOCK = next power of two >= 16,
+    one warp per 512 elements, at most 16); longer rows loop over LOOP_BLOCK tiles
+    with 8 warps.  Both kernels of this module use it."""
     if n <= MAX_ONE_BLOCK:
         block = max(triton.next_power_of_2(n), 16)
         return True, block, max(1, min(16, block // 512))
@@ -242,14 +248,15 @@ def robust_loss_forward(pred, target, c, weight, kind, elementwise, reduction, c
     B, N = pred.shape
     rho = torch.empty(B, dtype=torch.float32, device=pred.device)
     grad = torch.empty((B, N) if compute_grad else (0,), dtype=pred.dtype, device=pred.device)
-    one_block, block, warps = _row_config(N)
+    one_block, block, warps = row_config(N)
     inv_b = 1.0 / B if reduction == 1 else 1.0
-    _robust_loss_kernel[(B,)](
-        pred, target, c, weight if weight is not None else rho, rho, grad if compute_grad else rho,
-        N, pred.stride(0), target.stride(0), inv_b,
-        HAS_WEIGHT=weight is not None, KIND=kind, ELEMENTWISE=bool(elementwise),
-        COMPUTE_GRAD=bool(compute_grad), ONE_BLOCK=one_block, BLOCK=block, num_warps=warps,
-    )
+    with device_guard(pred):
+        _robust_loss_kernel[(B,)](
+            pred, target, c, weight if weight is not None else rho, rho,
+            grad if compute_grad else rho, N, pred.stride(0), target.stride(0), inv_b,
+            HAS_WEIGHT=weight is not None, KIND=kind, ELEMENTWISE=bool(elementwise),
+            COMPUTE_GRAD=bool(compute_grad), ONE_BLOCK=one_block, BLOCK=block, num_warps=warps,
+        )
     weighted = rho if weight is None else rho * weight
     out = weighted.clone() if reduction == 0 else weighted.sum() * inv_b
     return out, rho, grad
@@ -269,14 +276,15 @@ def consistency_objective_forward(
     grad = torch.empty(
         (B, N) if compute_grad else (0,), dtype=student.dtype, device=student.device
     )
-    one_block, block, warps = _row_config(N)
-    _consistency_objective_kernel[(B,)](
-        student, teacher, x0, weight, diff_weight, diff_mask, count, c,
-        cm, diff_rows, grad if compute_grad else cm,
-        B, N, student.stride(0), teacher.stride(0), x0.stride(0), float(diff_coef),
-        KIND=kind, COMPUTE_GRAD=bool(compute_grad), ONE_BLOCK=one_block, BLOCK=block,
-        num_warps=warps,
-    )
+    one_block, block, warps = row_config(N)
+    with device_guard(student):
+        _consistency_objective_kernel[(B,)](
+            student, teacher, x0, weight, diff_weight, diff_mask, count, c,
+            cm, diff_rows, grad if compute_grad else cm,
+            B, N, student.stride(0), teacher.stride(0), x0.stride(0), float(diff_coef),
+            KIND=kind, COMPUTE_GRAD=bool(compute_grad), ONE_BLOCK=one_block, BLOCK=block,
+            num_warps=warps,
+        )
     diff_loss = diff_rows.sum() / count.clamp_min(1).to(torch.float32)
     total = cm.sum() / B + diff_coef * diff_loss
     return total, cm, diff_loss, grad
