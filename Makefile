@@ -6,6 +6,8 @@
 #   make bench       pytest-benchmark suite
 #   make cuda-check  compile the CUDA extension out of tree and load it (no GPU needed)
 #   make cmake-check libtorch build of csrc/ plus its ctest
+#   make triton-compile-check  compile every Triton kernel for sm_90/sm_80 (no GPU) and write
+#                    the resource table to docs/gpu_resources.md (TRITON_CHECK_ARGS=--check-only: no write)
 # Variables: PYTHON (a Python >= 3.10), VENV, TORCH (the torch requirement).
 
 PYTHON ?= python3
@@ -18,7 +20,7 @@ CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
 
 .PHONY: gpu-wheels gpu-check-dry-run
-.PHONY: install peers demo report test bench cuda-check cmake-check clean
+.PHONY: install peers demo report test bench cuda-check cmake-check clean triton-compile-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +70,11 @@ cmake-check: $(BIN)/python
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -c "import torch; torch.ops.load_library('build/cmake/liblct_ops.so'); print('liblct_ops.so loads:', torch.ops.lct.robust_loss)"
+
+# Ahead-of-time Triton compilation for explicit GPU targets: fails on a compile error or
+# an unexplained register spill (benchmarks/triton_compile_check.py).
+triton-compile-check: $(BIN)/python
+	$(BIN)/python benchmarks/triton_compile_check.py $(TRITON_CHECK_ARGS)
 
 # --- GPU check ---------------------------------------------------------------------
 # Benchmark peers the GPU machine lacks (it has numpy, scipy, torch, triton, matplotlib, and
