@@ -70,8 +70,9 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = nn.Sequential(nn.Linear(1, hidden_size), nn.SiLU(),
                                         nn.Linear(hidden_size, hidden_size))
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, qk_norm=qk_norm)
-                                    for _ in range(depth))
+        # timm's qk-norm LayerNorms (timm >= 1.0.20 asks for the norm_layer explicitly)
+        qk = dict(qk_norm=True, norm_layer=nn.LayerNorm) if qk_norm else {}
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, **qk) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         with torch.no_grad():  # random weights: adaLN-zero's zero gates would hide errors
             for p in self.parameters():
