@@ -42,6 +42,7 @@ void objective_impl(const at::Tensor& student, const at::Tensor& teacher, const 
   const double c2 = c * c;
   std::vector<float> a(B), b(B);
   std::vector<double> diff_rows(B);
+  const bool stream = stream_output(B * N * int64_t(sizeof(scalar_t)));
   two_pass_rows<Sum2>(
       B, N, grad != nullptr,
       [&](int64_t r, int64_t jb, int64_t je) {
@@ -69,7 +70,7 @@ void objective_impl(const at::Tensor& student, const at::Tensor& teacher, const 
       },
       [&](int64_t r, int64_t jb, int64_t je) {
         const scalar_t *sr = s.row(r), *tr = t.row(r), *xr = x.row(r);
-        write_objective_grad(grad + r * N, sr, tr, xr, a[r], b[r], jb, je);
+        write_objective_grad(grad + r * N, sr, tr, xr, a[r], b[r], jb, je, stream);
       });
   cm_sum = 0.0;
   diff_sum = 0.0;

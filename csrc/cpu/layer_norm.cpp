@@ -95,7 +95,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& xy, const float* mean, con
   if constexpr (std::is_same_v<T, float>) {
     fa = LayerNormBwdArgs{dyr.data, dyr.row_stride, xyr.data, xyr.row_stride, D, mean, rstd,
                           prm.w, prm.b, scale, zeros, group_rows, chunks, rows_per_chunk,
-                          xy_is_y, dx};
+                          xy_is_y, dx, stream_output(M * D * int64_t(sizeof(float)))};
   }
   const auto float_task = use_avx2() ? &avx2::layer_norm_bwd_task_f32 : &base::layer_norm_bwd_task_f32;
 
@@ -188,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   if (x.scalar_type() == at::kFloat) {
     const LayerNormFwdArgs a{x.const_data_ptr<float>(), x.stride(0), D, prm.w, prm.b, sh, sc,
                              prm.zeros.data(), eps, group_rows, y.mutable_data_ptr<float>(),
-                             mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>()};
+                             mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
+                             stream_output(M * D * int64_t(sizeof(float)))};
     const auto rows = use_avx2() ? &avx2::layer_norm_fwd_rows_f32 : &base::layer_norm_fwd_rows_f32;
     parallel_tasks(M, D, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(D);

@@ -47,6 +47,7 @@ void robust_loss_impl(const at::Tensor& pred, const at::Tensor& target, double c
   const float cf = static_cast<float>(c), c2 = static_cast<float>(c2d);
   const float two_over_n = static_cast<float>(2.0 / double(N));
   std::vector<float> coef(B);  // row_factor * rho'(m_i) * 2 / N, per-sample form
+  const bool stream = stream_output(B * N * int64_t(sizeof(scalar_t)));
 
   if (elementwise) {
     // One pass: rho_i = mean_j rho(d_ij^2), grad_ij = f_i rho'(d_ij^2) 2 d_ij / N.
@@ -88,7 +89,7 @@ void robust_loss_impl(const at::Tensor& pred, const at::Tensor& target, double c
       [&](int64_t r, int64_t b, int64_t e) {
         const scalar_t* pr = p.row(r);
         const scalar_t* tr = t.row(r);
-        write_scaled_diff(g + r * N, pr, tr, coef[r], b, e);
+        write_scaled_diff(g + r * N, pr, tr, coef[r], b, e, stream);
       });
 }
 

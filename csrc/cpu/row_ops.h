@@ -106,6 +106,15 @@ inline double blocked_sum(int64_t begin, int64_t end, const F& f) {
   return total;
 }
 
+// Outputs of at least this many bytes are written with non-temporal stores.
+// Streaming skips the read-for-ownership of each output line, which pays when
+// the output is too big for the caches anyway; a smaller output is better left
+// in cache for its consumer (the next layer, or the optimizer reading .grad),
+// and its per-row store fences would cost more than they save.
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
+
+inline bool stream_output(int64_t bytes) { return bytes >= kStreamMinBytes; }
+
 // dst[0:n] = src[0:n] with non-temporal stores where possible (x86, float32):
 // for outputs written once and not read back soon, streaming skips the
 // read-for-ownership of every destination cache line.
@@ -137,49 +146,59 @@ inline void write_row(T* dst, int64_t n, std::vector<float>& scratch, const Fill
 }
 
 // out[j] = k * (a[j] - b[j]) for j in [begin, end), converted to T.
-// For float32 outputs on x86 the stores are non-temporal: the gradient is
-// written once and not read back soon, so streaming it skips the
-// read-for-ownership of every output cache line (a quarter of the traffic).
+// With `stream` (a big output, see stream_output) float32 stores on x86 are
+// non-temporal: the gradient is written once and not read back soon, so
+// streaming it skips the read-for-ownership of every output cache line (a
+// quarter of the traffic).
 template <typename T>
-inline void write_scaled_diff(T* out, const T* a, const T* b, float k, int64_t begin, int64_t end) {
+inline void write_scaled_diff(T* out, const T* a, const T* b, float k, int64_t begin, int64_t end,
+                              bool stream) {
   int64_t j = begin;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
-    while (j < end && (reinterpret_cast<uintptr_t>(out + j) & 15) != 0) {
-      out[j] = k * (a[j] - b[j]);
-      ++j;
+    if (stream) {
+      while (j < end && (reinterpret_cast<uintptr_t>(out + j) & 15) != 0) {
+        out[j] = k * (a[j] - b[j]);
+        ++j;
+      }
+      const __m128 kk = _mm_set1_ps(k);
+      for (; j + 4 <= end; j += 4)
+        _mm_stream_ps(out + j, _mm_mul_ps(kk, _mm_sub_ps(_mm_loadu_ps(a + j), _mm_loadu_ps(b + j))));
+      _mm_sfence();
     }
-    const __m128 kk = _mm_set1_ps(k);
-    for (; j + 4 <= end; j += 4)
-      _mm_stream_ps(out + j, _mm_mul_ps(kk, _mm_sub_ps(_mm_loadu_ps(a + j), _mm_loadu_ps(b + j))));
-    _mm_sfence();
   }
+#else
+  (void)stream;
 #endif
 #pragma omp simd
   for (int64_t i = j; i < end; ++i) out[i] = static_cast<T>(k * (float(a[i]) - float(b[i])));
 }
 
 // out[j] = ka * (s[j] - t[j]) + kb * (s[j] - x[j]): the objective's gradient,
-// with the same non-temporal float32 stores as write_scaled_diff.
+// with the same non-temporal float32 stores as write_scaled_diff when `stream`.
 template <typename T>
 inline void write_objective_grad(T* out, const T* s, const T* t, const T* x, float ka, float kb,
-                                 int64_t begin, int64_t end) {
+                                 int64_t begin, int64_t end, bool stream) {
   int64_t j = begin;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
-    while (j < end && (reinterpret_cast<uintptr_t>(out + j) & 15) != 0) {
-      out[j] = ka * (s[j] - t[j]) + kb * (s[j] - x[j]);
-      ++j;
+    if (stream) {
+      while (j < end && (reinterpret_cast<uintptr_t>(out + j) & 15) != 0) {
+        out[j] = ka * (s[j] - t[j]) + kb * (s[j] - x[j]);
+        ++j;
+      }
+      const __m128 va = _mm_set1_ps(ka), vb = _mm_set1_ps(kb);
+      for (; j + 4 <= end; j += 4) {
+        const __m128 sv = _mm_loadu_ps(s + j);
+        const __m128 g = _mm_add_ps(_mm_mul_ps(va, _mm_sub_ps(sv, _mm_loadu_ps(t + j))),
+                                    _mm_mul_ps(vb, _mm_sub_ps(sv, _mm_loadu_ps(x + j))));
+        _mm_stream_ps(out + j, g);
+      }
+      _mm_sfence();
     }
-    const __m128 va = _mm_set1_ps(ka), vb = _mm_set1_ps(kb);
-    for (; j + 4 <= end; j += 4) {
-      const __m128 sv = _mm_loadu_ps(s + j);
-      const __m128 g = _mm_add_ps(_mm_mul_ps(va, _mm_sub_ps(sv, _mm_loadu_ps(t + j))),
-                                  _mm_mul_ps(vb, _mm_sub_ps(sv, _mm_loadu_ps(x + j))));
-      _mm_stream_ps(out + j, g);
-    }
-    _mm_sfence();
   }
+#else
+  (void)stream;
 #endif
 #pragma omp simd
   for (int64_t i = j; i < end; ++i) {

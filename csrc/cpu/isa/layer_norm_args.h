@@ -20,6 +20,7 @@ struct LayerNormFwdArgs {
   float* y;     // (M, D) contiguous
   float* mean;  // (M,)
   float* rstd;  // (M,)
+  bool stream;  // non-temporal stores of y (a big output: row_ops.h stream_output)
 };
 
 struct LayerNormBwdArgs {
@@ -37,6 +38,7 @@ struct LayerNormBwdArgs {
   int64_t group_rows, chunks, rows_per_chunk;
   bool xy_is_y;
   float* dx;  // (M, D) contiguous, or nullptr
+  bool stream;  // non-temporal stores of dx (a big output)
 };
 
 // One entry point per ISA level: forward over rows [r0, r1); backward of one

@@ -77,11 +77,13 @@ void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, 
     const float* sh = a.shift ? a.shift + g * D : a.zeros;
     const float* w = a.weight;
     const float* b = a.bias;
+    // A big output is computed in L1 and streamed out; a small one is stored in place.
+    float* out = a.stream ? scratch : a.y + r * D;
 #pragma omp simd
-    for (int64_t j = 0; j < D; ++j) scratch[j] = ((xi[j] - mf) * rs * w[j] + b[j]) * (1.f + sc[j]) + sh[j];
-    stream_copy(a.y + r * D, scratch, D);
+    for (int64_t j = 0; j < D; ++j) out[j] = ((xi[j] - mf) * rs * w[j] + b[j]) * (1.f + sc[j]) + sh[j];
+    if (a.stream) stream_copy(a.y + r * D, scratch, D);
   }
-  store_fence();
+  if (a.stream) store_fence();
 }
 
 void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1, float* p2,
@@ -118,14 +120,15 @@ void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1,
     }
     if (a.dx == nullptr) continue;
     const float c1 = static_cast<float>(s1 / double(D)), c2 = static_cast<float>(s2 / double(D));
+    float* out = a.stream ? scratch : a.dx + r * D;
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) {
       const float xh = (xi[j] - mu) * xs - bsub[j];
-      scratch[j] = rs * (dyi[j] * gain[j] - c1 - xh * c2);
+      out[j] = rs * (dyi[j] * gain[j] - c1 - xh * c2);
     }
-    stream_copy(a.dx + r * D, scratch, D);
+    if (a.stream) stream_copy(a.dx + r * D, scratch, D);
   }
-  store_fence();
+  if (a.stream) store_fence();
 }
 
 }  // namespace lct::cpu::LCT_ISA
