@@ -177,17 +177,16 @@ def test_patched_dit_matches_the_unpatched_float64_model(train, count_kernel):
     assert isinstance(model.blocks[0].attn.q_norm, FusedLayerNorm)
 
 
-def test_bf16_autocast_is_as_close_to_float64_as_eager_autocast():
-    model = DiT()
+def assert_bf16_as_close_as_eager(model, x, t):
+    """Patch model; under bf16 autocast it must be about as close to the float64 model as
+    the unpatched model under autocast is (bf16 matmuls on both sides; the fused modulate
+    and qk-norm keep fp32 statistics)."""
     eager = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double()
-    x, t = inputs()
-    patch_dit(model)
+    assert patch_dit(model) > 0
     y, g = out_and_grads(model, x, t, autocast=True)
     y_eager, g_eager = out_and_grads(eager, x, t, autocast=True)
     y64, g64 = out_and_grads(ref64, x.double(), t.double())
-    # bf16 matmuls on both sides; the fused modulate and qk-norm keep fp32 statistics, so
-    # the patched model is never much further from float64 than eager autocast is
     assert rel(y, y64) < 1.5 * rel(y_eager, y64) + 1e-3
     floor = 1e-3 * max(v.abs().max().item() for v in g64.values())
     for n in g64:
@@ -195,6 +194,10 @@ def test_bf16_autocast_is_as_close_to_float64_as_eager_autocast():
         err, err_eager = ((g[n] - g64[n]).abs().max().item() / scale,
                           (g_eager[n] - g64[n]).abs().max().item() / scale)
         assert err < 1.5 * err_eager + 1e-2, n
+
+
+def test_bf16_autocast_is_as_close_to_float64_as_eager_autocast():
+    assert_bf16_as_close_as_eager(DiT(), *inputs())
 
 
 def test_state_dict_parameters_hooks_and_idempotence():
@@ -287,6 +290,7 @@ def test_trainer_dit_eager_path(nsln, count_kernel):
     check_grads(g, g64, 1e-4)
     assert unpatch_dit(model) == 3
     assert "forward" not in model.blocks[0].norm1.__dict__
+    assert_bf16_as_close_as_eager(model, x, t)
 
 
 # ---------------------------------------------------------------- refusals
