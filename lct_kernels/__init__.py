@@ -5,7 +5,9 @@ Public API:
     consistency_objective                                 fused consistency + diffusion objective
     non_scaling_layer_norm, nsln_modulate                 NsLN and the fused NsLN + adaLN modulate
     ot_assign, ot_couple, ot.OTPlanSampler                exact minibatch OT (assignment) and torchcfm drop-in
+    ot.patch_torchcfm, ot.unpatch_torchcfm                make torchcfm build our OTPlanSampler
     nn                                                    thin modules over the ops
+    nn.patch_dit, nn.unpatch_dit                          fuse a DiT's modulate(norm(x)) in place
     backend_info()                                        what loaded, and why anything did not
 
 Importing never fails because a compiled extension is missing; backend_info()
