@@ -218,10 +218,11 @@ def block_config(M):
     BLOCK_M is the register vector length (M rounded up to a power of two, >= 16),
     with one warp per 256 columns, at most WARPS_CAP.  The search keeps about
     eight 32-bit registers per column live (d, v float64; y, pred int32; settled
-    and column masks), so BLOCK_M = 4096 and 8192 cannot stay in the 64K-register
-    file of an SM whatever the warp count, and ptxas spills (8-16 B and about
-    0.5-0.8 KB per thread; more warps only lower the per-thread register cap):
-    see docs/gpu_resources.md."""
+    and column masks), besides temporaries and load addresses: at BLOCK_M = 8192
+    the state alone fills an SM's 64K registers whatever the warp count, and at
+    4096 it reaches the per-thread cap, so ptxas spills (about 1-1.6 KB and 12-28 B
+    per thread; more warps only lower the per-thread register cap): accepted, see
+    docs/gpu_resources.md."""
     if not 1 <= M <= MAX_M:
         raise ValueError(f"ot_assign: block_config: M must be in [1, {MAX_M}], got {M}")
     block = max(16, triton.next_power_of_2(M))
