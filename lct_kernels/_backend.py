@@ -159,6 +159,57 @@ def pick_backend(fn, family, x, backend):
     return select(family, x.device, backend, fn)
 
 
+def _cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), with vendor, family, model and
+    stepping (virtual machines often report a generic name), else platform's answer."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name")
+    if not name:
+        import platform
+
+        return platform.processor() or platform.machine()
+    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    detail = ", ".join([fields.get("vendor_id", "")] * bool(fields.get("vendor_id")) + ids)
+    return f"{name} ({detail})" if detail else name
+
+
+def cpu_info():
+    """The CPU and how the kernels use it: model, the ISA path the C++ kernels take
+    (AVX2+FMA or base, and why; from the loaded extension itself), torch's own
+    CPU capability (the ISA of eager PyTorch's kernels), threads, and the OpenMP
+    settings that matter under contention (see README, Threads)."""
+    if _ext.CPU_EXT.loaded and hasattr(torch.ops.lct, "_cpu_isa"):
+        isa = torch.ops.lct._cpu_isa()
+    else:
+        isa = f"n/a (extension _C: {_ext.CPU_EXT.reason})"
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception as exc:  # noqa: BLE001 - report, never fail
+        capability = f"unknown ({type(exc).__name__})"
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {
+        "model": _cpu_model(),
+        "isa": isa,
+        "torch_capability": capability,
+        "torch_threads": torch.get_num_threads(),
+        "usable_cpus": usable,
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA")},
+    }
+
+
 def backend_info():
     """A structured report: versions, built extensions, and usable backends per op and device."""
     try:
@@ -189,6 +240,7 @@ def backend_info():
         "extensions": {"_C": _ext.CPU_EXT.as_dict(), "_C_cuda": _ext.CUDA_EXT.as_dict()},
         "devices": devices,
         "cuda_device": torch.cuda.get_device_name(0) if CUDA_AVAILABLE else None,
+        "cpu": cpu_info(),
         "LCT_BACKEND": os.environ.get("LCT_BACKEND"),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "backends": backends,
@@ -204,6 +256,16 @@ def format_backend_info(info=None):
         lines.append(f"  {k:<12} {v}")
     lines.append(f"  {'devices':<12} {', '.join(info['devices'])}"
                  + (f" ({info['cuda_device']})" if info["cuda_device"] else ""))
+    cpu = info.get("cpu")
+    if cpu:
+        env = ", ".join(f"{k}={v}" for k, v in cpu["env"].items() if v is not None) or "none set"
+        lines += ["", "CPU",
+                  f"  {'model':<12} {cpu['model']}",
+                  f"  {'isa path':<12} {cpu['isa']}",
+                  f"  {'torch isa':<12} {cpu['torch_capability']} (eager PyTorch's CPU kernels)",
+                  f"  {'threads':<12} {cpu['torch_threads']} torch threads, "
+                  f"{cpu['usable_cpus']} usable CPUs",
+                  f"  {'OpenMP env':<12} {env}"]
     lines += ["", "Compiled extensions"]
     for name, ext in info["extensions"].items():
         extra = ""

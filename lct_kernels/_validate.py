@@ -112,14 +112,41 @@ def positive_scalar(fn, name, c, device):
         return c_t
     if isinstance(c, bool) or not isinstance(c, numbers.Real):
         raise TypeError(f"{rule}, got {type(c).__name__}")
-    if not torch.compiler.is_compiling() and not (math.isfinite(c) and c > 0):
+    if torch.compiler.is_compiling():
+        return torch.full((), c, dtype=torch.float64, device=device)
+    if not (math.isfinite(c) and c > 0):
         raise ValueError(f"{rule}, got {c}")
-    return torch.full((), c, dtype=torch.float64, device=device)
+    return _cached_scalar(float(c), device)
+
+
+# (value, device, inference mode) -> 0-d float64 tensor.  In eager mode a Python c
+# becomes the same read-only tensor on every call instead of a fresh allocation
+# (and, on CUDA, a fill kernel) per call; the ops never write to it.  Bounded:
+# a schedule with many distinct c values simply rebuilds the cache.
+_SCALARS = {}
+_SCALARS_MAX = 256
+
+
+def _cached_scalar(value, device):
+    key = (value, device, torch.is_inference_mode_enabled())
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= _SCALARS_MAX:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.full((), value, dtype=torch.float64, device=device)
+    return t
 
 
 def rows(x):
     """View (B, ...) as (B, N) with unit column stride (copying only when needed)."""
-    x2 = x.reshape(x.shape[0], -1)
+    x2 = x if x.dim() == 2 else x.reshape(x.shape[0], -1)  # a 2-D x needs no new view
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2
+
+
+def f32(t):
+    """t as a contiguous float32 tensor (t itself when it already is one), or None."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()

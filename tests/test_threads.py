@@ -142,3 +142,28 @@ def test_long_row_paths_match_float64(threads):
         loss.backward()
         assert abs(float(loss.detach()) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
         assert (q.grad.double() - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+
+
+def _cpuinfo_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+def test_cpu_report_names_model_and_isa_path(monkeypatch):
+    """python -m lct_kernels reports the CPU model and the kernels' ISA path: AVX2+FMA
+    exactly when /proc/cpuinfo lists both flags, base when LCT_CPU_ISA=base."""
+    flags = _cpuinfo_flags()
+    info = L.backend_info()["cpu"]
+    with open("/proc/cpuinfo") as f:
+        name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    assert info["model"].startswith(name)
+    want = "avx2+fma" if {"avx2", "fma"} <= flags else "base"
+    assert info["isa"].split(":")[0] == want
+    monkeypatch.setenv("LCT_CPU_ISA", "base")
+    assert L.backend_info()["cpu"]["isa"] == "base: forced by LCT_CPU_ISA=base"
+    text = L.format_backend_info()
+    assert name in text and "isa path" in text

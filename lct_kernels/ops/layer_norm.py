@@ -206,8 +206,7 @@ def _check_eps(fn, eps):
         raise ValueError(f"{fn}: eps must be a finite number > 0, got {eps}")
 
 
-def _f32(p):
-    return None if p is None else p.to(torch.float32).contiguous()
+_f32 = V.f32
 
 
 def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_efficient):

@@ -234,10 +234,11 @@ def ot_couple(x0, x1, groups=None, backend=None):
     B = x0.shape[0]
     if x1.shape[0] != B:
         raise ValueError(f"{fn}: x0 and x1 must have the same batch size, got {B} and {x1.shape[0]}")
-    if x0[0].numel() != x1[0].numel():
+    per0, per1 = math.prod(x0.shape[1:]), math.prod(x1.shape[1:])  # no per-call views
+    if per0 != per1:
         raise ValueError(
             f"{fn}: x0 and x1 must have the same number of elements per sample, got "
-            f"{x0[0].numel()} and {x1[0].numel()}"
+            f"{per0} and {per1}"
         )
     cost = coupling_cost(x0, x1)
     if groups is None:

@@ -166,8 +166,7 @@ def _robust_loss(fn, kind, pred, target, c, weight, reduction, elementwise, back
             return per_sample.mean()
         return per_sample.sum() if reduction == "sum" else per_sample
     compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    if weight is not None:
-        weight = weight.to(torch.float32).contiguous()
+    weight = V.f32(weight)
     out, _, _ = _fused_grad.call(
         fused_op(chosen), _setup_robust_loss, _robust_loss_backward,
         V.rows(pred), V.rows(target), c_t, weight, kind, elementwise,
