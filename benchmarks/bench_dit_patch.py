@@ -32,7 +32,8 @@ from lct_kernels.train.model import build_dit  # noqa: E402
 CONFIGS = {
     "cpu": dict(size="S", latent=(4, 16, 16), batch=16, label="DiT-S/2, 4x16x16"),
     "cuda": dict(size="B", latent=(4, 32, 32), batch=64, label="DiT-B/2, 4x32x32"),
-    "quick": dict(size="tiny", latent=(4, 8, 8), batch=4, depth=1, label="DiT-tiny/2 depth 1, 4x8x8"),
+    "quick": dict(size="tiny", latent=(4, 8, 8), batch=4, depth=1,
+                  label="DiT-tiny/2 depth 1, 4x8x8"),
 }
 
 

@@ -50,7 +50,8 @@ class Attention(nn.Module):  # timm's Attention: qkv, optional qk-norm, proj
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU("tanh"), nn.Linear(hidden, dim)
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU("tanh")
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -262,7 +263,8 @@ def test_non_scaling_adds_zero_nsln_biases_and_nsln_qk_norms():
     c = torch.randn(3, 64)
     shift, scale = fl.adaLN_modulation(c).double().chunk(2, dim=1)
     hd = h.double()
-    xhat = (hd - hd.mean(-1, keepdim=True)) / torch.sqrt(hd.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    var = hd.var(-1, unbiased=False, keepdim=True)
+    xhat = (hd - hd.mean(-1, keepdim=True)) / torch.sqrt(var + 1e-6)
     want = ((xhat + bias.double()) * (1 + scale[:, None]) + shift[:, None]) @ \
         fl.linear.weight.double().T + fl.linear.bias.double()
     got = fl(h, c)

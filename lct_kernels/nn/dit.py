@@ -242,7 +242,7 @@ def _probe(module, kind, layout, D, norms):
                 want = torch.func.functional_call(
                     _Call(module, lambda m, a, b: math_fn(m, a, b, _modulate_reference)), state,
                     (x, c))
-                pairs = [("forward", got, want)]
+                pairs = [("forward", got, want, None)]
             else:
                 pairs = []
                 for n in norms:
@@ -257,13 +257,13 @@ def _probe(module, kind, layout, D, norms):
                     want = torch.func.functional_call(
                         _Call(norm, lambda m, a, s, t: _modulated_norm_reference(m, a, s, t, eps)),
                         sub, (x, shift, scale))
-                    pairs.append((n, got, want))
+                    pairs.append((n, got, want, eps))
     except Exception as exc:  # a fork's forward may not run on the probe: refuse, say why
         raise _Refused(f"the probe forward failed ({type(exc).__name__}: {exc})") from None
     finally:
         for m, mode in modes.items():
             m.training = mode
-    for what, got, want in pairs:
+    for what, got, want, eps in pairs:
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             raise _Refused(f"{what} returns {type(got).__name__} "
                            f"{tuple(getattr(got, 'shape', ()))}, DiT's math gives "
@@ -271,8 +271,8 @@ def _probe(module, kind, layout, D, norms):
         err = (got.to(torch.float64) - want).abs().max().item()
         if not err <= 1e-6 * (1 + want.abs().max().item()):
             detail = ("its forward is not DiT's (modulate(norm(x), shift, scale), gated "
-                      "residuals)" if layout == "layernorm" else
-                      f"it is not NsLN(x) * (1 + scale) + shift with eps={getattr(norm, 'eps', _DIT_EPS)}")
+                      "residuals)" if eps is None else
+                      f"it is not NsLN(x) * (1 + scale) + shift with eps={eps}")
             raise _Refused(f"{what} differs from DiT's math on random weights (max error "
                            f"{err:.3g}): {detail}")
 
