@@ -10,11 +10,14 @@
 //     variance, write); the re-reads of a row hit L1/L2.  No cap on D.
 //   Bytes: read s M D, write s M D + 8 M.
 // Backward
-//   grid = (groups, chunks); each block owns a fixed chunk of one group's rows,
-//   writes their dx and accumulates fp32 partials p1 = sum dy, p2 = sum dy xhat
-//   (per lane in registers for warp rows, reduced across warps in a fixed order;
-//   in the block's own slot of the global partial buffer for long rows).  A
-//   final kernel adds the chunks in order: deterministic, no atomics.
+//   grid = (groups, chunks); each block owns a fixed chunk of one group's rows
+//   (about kTaskElems elements; at most 65535 chunks per group, longer chunks
+//   past that), writes their dx and accumulates fp32 partials p1 = sum dy,
+//   p2 = sum dy xhat (per lane in registers for warp rows, reduced across warps
+//   in a fixed order; in the block's own slot of the global partial buffer for
+//   long rows).  Warp rows of 1025-2048 bf16/fp16 elements are served by two
+//   warps each (register pressure: two blocks per SM).  A final kernel adds the
+//   chunks in order: deterministic, no atomics.  D = 0 launches nothing.
 //   Bytes: read 2 s M D (+ 8 M), write s M D + 8 G chunks D.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,7 +27,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "lct/dispatch.h"
 #include "lct/layer_norm.h"
@@ -175,53 +180,98 @@ __device__ __forceinline__ float ln_bsub(const LnBwdArgs& a, int64_t j) {
   return a.xy_is_y ? param(a.bias, j, 0.f) : 0.f;
 }
 
-template <typename T, int VEC, int ITEMS>
-__global__ void ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ xy,
-                                   T* __restrict__ dx, LnBwdArgs a) {
+// Warp rows.  SPLIT warps share a row: warp w serves row slot w / SPLIT and packs
+// lane + (k SPLIT + w % SPLIT) 32, k < ITEMS (interleaved, so a ragged last slice is
+// spread over all SPLIT warps), so each lane holds 2 ITEMS VEC fp32 partials.  SPLIT = 2
+// for rows of more than 32 x 4 packs of 16 bytes: 64 partials per lane instead of 128,
+// so that (with __launch_bounds__(256, 2)) two 8-warp blocks fit per SM without spills
+// (one row per warp needed 206 registers: one block per SM).  The SPLIT warps of a
+// row add their row sums through shared memory, in warp order.
+// The block walks its chunk in steps of kWarpsPerBlock / SPLIT rows; every warp makes
+// the same number of steps (a slot past the chunk's end computes nothing), so the
+// block-wide barrier of that exchange is reached by all threads.
+// Blocks per SM asked of the register allocator: by the partials each lane holds
+// (2 ITEMS VEC floats), so that they stay in registers.
+constexpr int bwd_min_blocks(int lane_elems) { return lane_elems > 16 ? 2 : lane_elems > 8 ? 3 : 4; }
+
+template <typename T, int VEC, int ITEMS, int SPLIT>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, bwd_min_blocks(ITEMS * VEC))
+    ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ xy, T* __restrict__ dx,
+                       LnBwdArgs a) {
+  static_assert(kWarpsPerBlock % SPLIT == 0, "SPLIT must divide the warps of a block");
+  constexpr int kSlots = kWarpsPerBlock / SPLIT;  // rows per step
   __shared__ float red[kWarpsPerBlock][2][32 * VEC];  // per-warp partials, one pack per lane
+  __shared__ float rowsum[2][kWarpsPerBlock][2];      // [step parity][warp][s1, s2]
   const int64_t g = blockIdx.x, c = blockIdx.y;
   const int lane = threadIdx.x, warp = threadIdx.y;
+  const int slot = warp / SPLIT, slice = warp % SPLIT;
   const int64_t D = a.D, n_packs = D / VEC;
   const int64_t r_begin = g * a.group_rows + c * a.rows_per_chunk;
   const int64_t r_end = min(g * a.group_rows + a.group_rows, r_begin + a.rows_per_chunk);
+  const int64_t steps = r_end > r_begin ? (r_end - r_begin + kSlots - 1) / kSlots : 0;
   // Column factors are re-read from L1 when used (registers are kept for the partials).
   auto gain = [&](int64_t j) { return ln_gain(a, g, j); };
   auto bsub = [&](int64_t j) { return ln_bsub(a, j); };
+  auto pack_of = [&](int k) { return lane + (int64_t(k) * SPLIT + slice) * 32; };
   float p1[ITEMS][VEC], p2[ITEMS][VEC];
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) p1[k][i] = p2[k][i] = 0.f;
 
-  for (int64_t r = r_begin + warp; r < r_end; r += blockDim.y) {
-    const float mu = a.xy_is_y ? 0.f : a.mean[r], rs = a.rstd[r];
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t r = r_begin + step * kSlots + slot;
+    const bool active = r < r_end;
+    const float mu = (a.xy_is_y || !active) ? 0.f : a.mean[r];
+    const float rs = active ? a.rstd[r] : 0.f;
     const float xs = a.xy_is_y ? 1.f : rs;
     const T* dyr = dy + r * a.stride_dy;
     const T* xyr = xy + r * a.stride_xy;
     float s1 = 0.f, s2 = 0.f;
+    if (active) {
 #pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int64_t pk = lane + int64_t(k) * 32;
-      if (pk >= n_packs) break;
-      float d[VEC], xv[VEC];
-      load_pack<T, VEC>(dyr, pk, d);
-      load_pack<T, VEC>(xyr, pk, xv);
+      for (int k = 0; k < ITEMS; ++k) {
+        const int64_t pk = pack_of(k);
+        if (pk >= n_packs) break;
+        float d[VEC], xv[VEC];
+        load_pack<T, VEC>(dyr, pk, d);
+        load_pack<T, VEC>(xyr, pk, xv);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const int64_t j = pk * VEC + i;
-        const float xh = (xv[i] - mu) * xs - bsub(j);
-        const float gz = d[i] * gain(j);
-        s1 += gz;
-        s2 += gz * xh;
-        p1[k][i] += d[i];
-        p2[k][i] += d[i] * xh;
+        for (int i = 0; i < VEC; ++i) {
+          const int64_t j = pk * VEC + i;
+          const float xh = (xv[i] - mu) * xs - bsub(j);
+          const float gz = d[i] * gain(j);
+          s1 += gz;
+          s2 += gz * xh;
+          p1[k][i] += d[i];
+          p2[k][i] += d[i] * xh;
+        }
       }
     }
-    if (dx == nullptr) continue;
-    const float c1 = warp_sum(s1) / static_cast<float>(D), c2 = warp_sum(s2) / static_cast<float>(D);
+    if (dx == nullptr) continue;  // uniform across the block
+    s1 = warp_sum(s1);
+    s2 = warp_sum(s2);
+    if constexpr (SPLIT > 1) {
+      // Double-buffered by step parity: one barrier per step suffices, since a buffer
+      // is rewritten only after every thread has passed the next step's barrier.
+      float(&rsum)[kWarpsPerBlock][2] = rowsum[step & 1];
+      if (lane == 0) {
+        rsum[warp][0] = s1;
+        rsum[warp][1] = s2;
+      }
+      __syncthreads();
+      s1 = s2 = 0.f;
+#pragma unroll
+      for (int h = 0; h < SPLIT; ++h) {
+        s1 += rsum[slot * SPLIT + h][0];
+        s2 += rsum[slot * SPLIT + h][1];
+      }
+    }
+    if (!active) continue;
+    const float c1 = s1 / static_cast<float>(D), c2 = s2 / static_cast<float>(D);
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {  // second pass: the row was just read (L1)
-      const int64_t pk = lane + int64_t(k) * 32;
+      const int64_t pk = pack_of(k);
       if (pk >= n_packs) break;
       float d[VEC], xv[VEC];
       load_pack<T, VEC>(dyr, pk, d);
@@ -236,23 +286,25 @@ __global__ void ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict
     }
   }
   if (a.part == nullptr) return;
-  // Add the warps' partials in warp order (deterministic), one slice of 32 packs at a time.
+  // Add the partials of the warps serving the same slice, in slot order (deterministic),
+  // 32 x SPLIT packs at a time.
   float* part = a.part + (g * a.chunks + c) * 2 * D;
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    if (int64_t(k) * 32 >= n_packs) break;  // uniform across the block
+    if (int64_t(k) * SPLIT * 32 >= n_packs) break;  // uniform across the block
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       red[warp][0][lane * VEC + i] = p1[k][i];
       red[warp][1][lane * VEC + i] = p2[k][i];
     }
     __syncthreads();
-    for (int t = warp * 32 + lane; t < 2 * 32 * VEC; t += kWarpsPerBlock * 32) {
-      const int which = t / (32 * VEC), e = t % (32 * VEC);
-      const int64_t col = (int64_t(e / VEC) + int64_t(k) * 32) * VEC + e % VEC;  // lane e/VEC, item e%VEC
+    for (int t = warp * 32 + lane; t < SPLIT * 2 * 32 * VEC; t += kWarpsPerBlock * 32) {
+      const int h = t / (2 * 32 * VEC), which = (t / (32 * VEC)) % 2, e = t % (32 * VEC);
+      // lane e / VEC of slice h holds pack (k SPLIT + h) 32 + e / VEC; item e % VEC.
+      const int64_t col = ((int64_t(k) * SPLIT + h) * 32 + e / VEC) * VEC + e % VEC;
       if (col < D) {
         float acc = 0.f;
-        for (int w = 0; w < kWarpsPerBlock; ++w) acc += red[w][which][e];
+        for (int s = 0; s < kSlots; ++s) acc += red[s * SPLIT + h][which][e];
         part[which * D + col] = acc;
       }
     }
@@ -373,7 +425,11 @@ void launch_bwd(const at::Tensor& dy, const at::Tensor& xy, T* dx, const LnBwdAr
   const dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(a.chunks));
   if (a.D / VEC <= 32 * kWarpItems) {
     with_items(warp_items(a.D / VEC), [&](auto items) {
-      ln_bwd_warp_kernel<T, VEC, decltype(items)::value>
+      constexpr int kItemsRow = decltype(items)::value;
+      // Two warps per row once a lane would hold more than 32 elements (bf16/fp16 rows
+      // of 1025-2048): halves the partials kept in registers.
+      constexpr int kSplit = kItemsRow * VEC > 32 ? 2 : 1;
+      ln_bwd_warp_kernel<T, VEC, kItemsRow / kSplit, kSplit>
           <<<grid, dim3(32, kWarpsPerBlock), 0, stream>>>(dy.const_data_ptr<T>(),
                                                           xy.const_data_ptr<T>(), dx, a);
     });
@@ -382,6 +438,19 @@ void launch_bwd(const at::Tensor& dy, const at::Tensor& xy, T* dx, const LnBwdAr
         dy.const_data_ptr<T>(), xy.const_data_ptr<T>(), dx, a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The backward's split of a group's rows into chunks (grid y): about kTaskElems
+// elements per chunk, at most kMaxGridY chunks (CUDA's limit on gridDim.y); past that,
+// chunks grow instead.  Depends only on (group_rows, D), so the partial sums are
+// added in the same order on every call.  Returns (rows per chunk, chunks), D > 0.
+constexpr int64_t kMaxGridY = 65535;
+inline std::pair<int64_t, int64_t> bwd_chunks(int64_t group_rows, int64_t D) {
+  const int64_t rows_per_task = std::max<int64_t>(1, kTaskElems / D);
+  int64_t chunks = (group_rows + rows_per_task - 1) / rows_per_task;
+  chunks = std::min(std::max<int64_t>(chunks, 1), kMaxGridY);
+  const int64_t rows_per_chunk = (group_rows + chunks - 1) / chunks;
+  return {rows_per_chunk, (group_rows + rows_per_chunk - 1) / rows_per_chunk};  // none empty
 }
 
 const float* opt_ptr(const std::optional<at::Tensor>& t) {
@@ -424,15 +493,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   at::Tensor dx = need_dx ? at::empty({M, D}, dy.options()) : at::empty({0}, dy.options());
   at::Tensor p1 = at::zeros({need_partials ? G : 0, D}, f32);
   at::Tensor p2 = at::zeros({need_partials ? G : 0, D}, f32);
-  if (M == 0 || !(need_dx || need_partials)) return {dx, p1, p2};
-  const int64_t rows_per_task = std::max<int64_t>(1, kTaskElems / D);
-  const int64_t chunks = std::max<int64_t>(1, (group_rows + rows_per_task - 1) / rows_per_task);
-  TORCH_CHECK(G <= 0x7fffffff && chunks <= 65535, "lct: layer norm backward grid too large");
+  // D = 0: dx is (M, 0) and the partials (G, 0); nothing to launch.
+  if (M == 0 || D == 0 || !(need_dx || need_partials)) return {dx, p1, p2};
+  const auto [rows_per_chunk, chunks] = bwd_chunks(group_rows, D);
+  TORCH_CHECK(G <= 0x7fffffff, "lct: layer norm backward: at most 2^31 - 1 groups, got ", G);
   // Long rows accumulate into the partial buffer in place, so it starts at zero.
   at::Tensor part = need_partials ? at::zeros({G * chunks, 2, D}, f32) : at::empty({0}, f32);
   const LnBwdArgs a{mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), opt_ptr(weight),
                     opt_ptr(bias), opt_ptr(scale), D, dy.stride(0), xy.stride(0), group_rows,
-                    (group_rows + chunks - 1) / chunks, chunks, xy_is_y,
+                    rows_per_chunk, chunks, xy_is_y,
                     need_partials ? part.mutable_data_ptr<float>() : nullptr};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index());
   LCT_DISPATCH_KERNEL_TYPES(dy.scalar_type(), "layer_norm_bwd_cuda", [&] {

@@ -5,7 +5,8 @@
 // thread, i.e. rows of 16K fp32 / 32K bf16 elements at 1024 threads), reduces
 // sum(d^2) across the block, then writes rho'(m) * 2 d / N straight from
 // registers.  Longer rows loop and read pred/target a second time.  The
-// elementwise variants need no reduction before the write: one pass.  The
+// elementwise variants need no reduction before the write: one streamed pass,
+// nothing held in registers.  The
 // per-row factor weight_i (/ B for "mean") is folded into the gradient, so the
 // backward only multiplies by the scalar incoming gradient.
 // Arithmetic is float32; the per-row rho(m) and rho'(m) are evaluated in float64.
@@ -53,7 +54,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (out_rows != nullptr) out_rows[row] = w * rho;
   };
 
-  if (n_packs <= int64_t(kItems) * blockDim.x) {
+  // Rows held in registers: only the per-sample form needs the row's total before the
+  // gradient write.  The elementwise form writes as it reads (the streamed loop below, one
+  // pass, same per-thread order); holding its row too made the 16-byte-pack variants
+  // spill at the 64-register cap of 1024-thread blocks.
+  if (!ELEMENTWISE && n_packs <= int64_t(kItems) * blockDim.x) {
     float d[kItems][VEC];
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
