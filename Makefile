@@ -15,7 +15,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 CUDA_VENV ?= .venv-cuda
-CUDA_TORCH ?= torch==2.14.1
+CUDA_TORCH ?= torch==2.11.0 torchvision==0.26.0
 CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
 
@@ -57,7 +57,7 @@ bench: install peers
 
 $(CUDA_VENV)/bin/python:
 	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" ninja "numpy<2.4"
+	$(CUDA_VENV)/bin/pip install -q $(foreach r,$(CUDA_TORCH),"$(r)") ninja "numpy<2.4"
 
 cuda-check: $(CUDA_VENV)/bin/python
 	rm -rf build-cuda
@@ -68,6 +68,7 @@ cuda-check: $(CUDA_VENV)/bin/python
 cmake-check: $(BIN)/python
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake
+	$(CUDA_VENV)/bin/python benchmarks/cuda_resources.py build-cuda/lib/lct_kernels --write docs/gpu_resources.md
 	ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -c "import torch; torch.ops.load_library('build/cmake/liblct_ops.so'); print('liblct_ops.so loads:', torch.ops.lct.robust_loss)"
 
