@@ -1,4 +1,5 @@
-"""Command lines: ``lct-train``, ``lct-sample`` and ``lct-eval`` (also ``python -m lct_kernels.train``)."""
+"""Command lines: ``lct-train``, ``lct-sample``, ``lct-eval``, ``lct-ablate`` and ``lct-inspect``
+(``lct-train`` also as ``python -m lct_kernels.train``)."""
 
 import argparse
 import json
@@ -299,13 +300,22 @@ def _write_images(model, state, cfg, decode, steps, n, seed, device, sigma_mid, 
 def ablate_parser():
     p = argparse.ArgumentParser(
         prog="lct-ablate", description="The sLCT ablation on the embedded digits: the iCT "
-        "baseline, each sLCT component added in the paper's order, the full sLCT, and the "
-        "c-convention variants, with the same budget and seeds; writes ablation.md (mean ± std "
-        "over seeds at 1 and 2 NFE), ablation.png and ablation.json.")
-    p.add_argument("--budget", type=int, required=True, help="training steps per variant")
+        "baseline, then each sLCT component added in the paper's order, one change per row "
+        "(adaptive c three ways: paper, anchored, measured), with the same budget, seeds and "
+        "random streams; writes ablation.md (absolute values, mean ± std over seeds, and each "
+        "row's paired difference against its parent, mean ± standard error, at 1 and 2 NFE), "
+        "ablation.png and ablation.json.")
+    p.add_argument("--budget", type=int, help="training steps per variant (required unless "
+                   "--from-json)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per variant (default 2)")
     p.add_argument("--out", default="runs/ablation", help="output folder")
     p.add_argument("--n", type=int, default=1000, help="generated samples per metric")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="no training: rewrite ablation.md/.png in --out from an ablation.json "
+                        "(also a partial one: it is rewritten after every run)")
+    p.add_argument("--only", nargs="+", metavar="ROW",
+                   help="run only these rows (keys: ict cauchy diff ot c_paper c_anchored "
+                        "c_measured nsln), e.g. to time one row")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="applied to every variant (e.g. model.hidden_size=64)")
     return p
@@ -316,7 +326,20 @@ def ablate_main(argv=None):
 
     parser = ablate_parser()
     args = parser.parse_args(argv)
-    if args.budget < 1:
+    command = "lct-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    if args.from_json:
+        try:
+            report = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--from-json: cannot read {args.from_json}: {exc}")
+        out.mkdir(parents=True, exist_ok=True)
+        command = report.get("command", command)
+        (out / "ablation.md").write_text(markdown_table(report, command))
+        bar_plot(report, out / "ablation.png")
+        print(f"lct-ablate: wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+        return 0
+    if args.budget is None or args.budget < 1:
         parser.error(f"--budget: must be >= 1, got {args.budget}")
     if args.seeds < 1:
         parser.error(f"--seeds: must be >= 1, got {args.seeds}")
@@ -326,13 +349,47 @@ def ablate_main(argv=None):
         build_config("ict", overrides=args.overrides)
     except ConfigError as exc:
         parser.error(str(exc))
-    out = Path(args.out)
-    report = run_ablation(args.budget, args.seeds, out, extra=args.overrides, n_eval=args.n)
-    command = "lct-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    from ..eval.ablation import VARIANTS
+
+    keys = [v[0] for v in VARIANTS]
+    if args.only and set(args.only) - set(keys):
+        parser.error(f"--only: unknown rows {sorted(set(args.only) - set(keys))}; rows are {keys}")
+    report = run_ablation(args.budget, args.seeds, out, extra=args.overrides, n_eval=args.n,
+                          only=args.only, command=command)
     (out / "ablation.md").write_text(markdown_table(report, command))
     bar_plot(report, out / "ablation.png")
     print(markdown_table(report, command))
     print(f"lct-ablate: wrote {out / 'ablation.md'}, {out / 'ablation.png'}, {out / 'ablation.json'}")
+    return 0
+
+
+def inspect_parser():
+    p = argparse.ArgumentParser(
+        prog="lct-inspect", description="Outlier statistics of a latents file, the ones that "
+        "motivate sLCT's Cauchy loss: per-channel excess kurtosis, the fraction of elements "
+        "beyond 4 sigma and the largest |z|, with z the latents standardised per element "
+        "(lct-train prints the same summary of its training latents when it starts).")
+    p.add_argument("--latents", required=True, help="a .npy/.npz/.pt/.safetensors latents file")
+    p.add_argument("--threshold", type=float, default=4.0, help="|z| threshold (default 4)")
+    p.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
+    return p
+
+
+def inspect_main(argv=None):
+    from .data import load_latents_file
+    from .latent_report import format_outlier_report, outlier_stats
+
+    parser = inspect_parser()
+    args = parser.parse_args(argv)
+    try:
+        latents, _ = load_latents_file(args.latents)
+        stats = outlier_stats(latents, threshold=args.threshold)
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        print(f"lct-inspect: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_outlier_report(stats, args.latents))
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2))
     return 0
 
 
@@ -346,3 +403,4 @@ train = _entry(train_main)
 sample_cmd = _entry(sample_main)
 eval_cmd = _entry(eval_main)
 ablate_cmd = _entry(ablate_main)
+inspect_cmd = _entry(inspect_main)

@@ -39,12 +39,21 @@ class DataConfig:
 class ModelConfig:
     size: str = "tiny"              # tiny, S, B, L, XL
     patch_size: int = 1             # 1, 2 or 4
-    nsln: bool = True               # NsLN qk-norm + fused NsLN/modulate (False: plain LayerNorm)
-    fused: bool = True              # use the fused kernels (False: the same math in eager PyTorch)
+    norm: str = "nsln"              # qk-norm: "nsln" (sLCT: unit weight frozen, learnable bias,
+                                    # eps 1e-5) or "layernorm" (learnable weight and bias)
+    norm_bias: bool = False         # a learnable bias on norm1/norm2/norm_final (not in the
+                                    # authors' DiT, whose block norms have no affine)
+    fused: bool = True              # fused kernels or eager PyTorch for the same math (a backend
+                                    # choice: it never changes the model)
     dropout: float = 0.0
     depth: int = 0                  # 0: the size's; otherwise overrides it
     hidden_size: int = 0            # 0: the size's
     num_heads: int = 0              # 0: the size's
+
+    @property
+    def nsln(self):
+        """Whether the qk-norm is NsLN (``norm == "nsln"``; the pre-issue-13 field's name)."""
+        return self.norm == "nsln"
 
 
 @dataclass
@@ -52,7 +61,10 @@ class ObjectiveConfig:
     loss: str = "cauchy"            # cauchy (sLCT), pseudo_huber (iCT), geman_mcclure
     c_convention: str = "mean"      # "mean": rho(mean_elems d^2), the paper code; "sum": rho(||d||^2), iCT
     c: float = 0.0                  # 0 -> 0.00054 * sqrt(D) (iCT's constant)
-    adaptive_c: bool = True         # sLCT: c(s) = exp(-1.15 ln s - 0.85) from curriculum stage 2
+    adaptive_c: bool = True         # sLCT: a c per curriculum stage from stage 2 (c_schedule)
+    c_schedule: str = "paper"       # paper: exp(-1.15 ln s - 0.85); anchored: c1 (s/s0)^-1.15;
+                                    # measured: sqrt(median(m) / 2) from each stage's first batches
+    c_measure_batches: int = 4      # c_schedule=measured: batches per stage that measure m
     diffusion_loss: bool = True     # sLCT: EDM-weighted diffusion loss on the small-sigma quarter
     diff_coef: float = 5.0
     diff_fraction: float = 0.75     # indices >= floor(fraction * N) take the diffusion loss
@@ -79,6 +91,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     eps: float = 1e-8
     batch_size: int = 128
+    epochs: int = 0                 # > 0: K = floor(|D| / batch_size) * epochs steps (paper code),
+                                    # instead of run.steps (which must then be 0)
     warmup_steps: int = 0           # linear lr warmup (0: constant lr, as the paper)
     grad_clip: float = 0.0          # max grad norm (0: no clipping, as the paper)
     ema_decay: float = 0.9999       # evaluation EMA
@@ -87,7 +101,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 1000
+    steps: int = 1000               # total steps K (0 when optim.epochs sets the budget)
     seed: int = 0
     device: str = "auto"            # auto (cuda if available), cpu, cuda, cuda:N
     precision: str = "auto"         # auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16
@@ -120,6 +134,8 @@ class TrainConfig:
 
 SECTIONS = ("data", "model", "objective", "ot", "optim", "run")
 MODEL_SIZES = ("tiny", "S", "B", "L", "XL")
+NORMS = ("nsln", "layernorm")
+C_SCHEDULES = ("paper", "anchored", "measured")
 LOSSES = ("cauchy", "pseudo_huber", "geman_mcclure")
 
 # Presets: overrides on the defaults (which are the sLCT recipe of the paper code).
@@ -127,17 +143,26 @@ _DEMO = {
     "model.size": "tiny", "model.patch_size": 2,
     "objective.s1": 160,
     "optim.lr": 1e-3, "optim.batch_size": 128, "optim.ema_decay": 0.999, "optim.ema_warmup": True,
-    "optim.warmup_steps": 100,
+    "optim.warmup_steps": 100, "model.norm_bias": True,
     "run.steps": 2000, "run.log_every": 50, "run.sample_every": 500, "run.ckpt_every": 500,
 }
 _ICT = {
     "objective.loss": "pseudo_huber", "objective.diffusion_loss": False, "objective.ot": False,
-    "objective.adaptive_c": False, "model.nsln": False,
+    "objective.adaptive_c": False, "model.norm": "layernorm", "model.norm_bias": False,
 }
 _PAPER = {
     "data.source": "latents", "model.size": "B", "model.patch_size": 2,
     "run.steps": 294_000, "run.log_every": 100, "run.sample_every": 10_000,
     "run.ckpt_every": 5_000,
+}
+# Table 1 of the sLCT paper, per data set (epochs, total batch); the rest is the paper
+# code's recipe (the defaults).  The DiT-B/2 (130 M parameters) stands in for the
+# paper's 152 M ADM UNet, which this trainer does not implement.
+_TABLE1 = {**_PAPER, "run.steps": 0, "objective.c_schedule": "paper"}
+PAPER_PRESETS = {
+    "slct-celebahq256": {**_TABLE1, "optim.epochs": 1400, "optim.batch_size": 128},
+    "slct-church256": {**_TABLE1, "optim.epochs": 1800, "optim.batch_size": 256},
+    "slct-ffhq256": {**_TABLE1, "optim.epochs": 1400, "optim.batch_size": 128},
 }
 PRESETS = {
     "demo": dict(_DEMO),
@@ -146,6 +171,7 @@ PRESETS = {
     "slct-b2-128": {**_PAPER, "optim.batch_size": 128},
     "slct-b2-256": {**_PAPER, "optim.batch_size": 256, "run.steps": 504_000},
     "ict-b2-128": {**_PAPER, **_ICT, "optim.batch_size": 128},
+    **PAPER_PRESETS,
 }
 PRESET_HELP = {
     "demo": "the embedded digits, tiny DiT, full sLCT recipe; about 2.5 minutes on 2 CPU cores",
@@ -155,6 +181,12 @@ PRESET_HELP = {
     "slct-b2-128": "paper scale: DiT-B/2 on 4x32x32 latents (data.latents=FILE), batch 128",
     "slct-b2-256": "paper scale: DiT-B/2 on 4x32x32 latents (data.latents=FILE), batch 256",
     "ict-b2-128": "paper scale iCT baseline: DiT-B/2, batch 128, Pseudo-Huber, no OT/diffusion loss",
+    "slct-celebahq256": "Table 1, CelebA-HQ 256: 1400 epochs at batch 128 (27 000 latents: "
+                        "294 000 steps), DiT-B/2, s 10 -> 640, EMA 0.9999",
+    "slct-church256": "Table 1, LSUN Church 256: 1800 epochs at batch 256 (252 454 latents with "
+                      "flips: 1 774 800 steps), DiT-B/2",
+    "slct-ffhq256": "Table 1, FFHQ 256: 1400 epochs at batch 128 (70 000 latents: 764 400 steps), "
+                    "DiT-B/2",
 }
 
 
@@ -200,7 +232,14 @@ def _coerce(key, value, typ):
 
 
 def set_field(cfg, key, value):
-    """Sets ``section.field`` (dotted key) to ``value`` converted to the field's type."""
+    """Sets ``section.field`` (dotted key) to ``value`` converted to the field's type.
+
+    ``model.nsln`` (the field before issue 13, still in old checkpoints) is read as the
+    model it built: true -> norm=nsln with the block-norm biases, false -> layernorm."""
+    if key == "model.nsln":
+        on = _coerce(key, value, bool)
+        cfg.model.norm, cfg.model.norm_bias = ("nsln", True) if on else ("layernorm", False)
+        return
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ConfigError(
@@ -310,6 +349,7 @@ def validate(cfg):
 
     _require(m.size.upper() in {s.upper() for s in MODEL_SIZES}, "model.size",
              f"must be one of {', '.join(MODEL_SIZES)}, got {m.size!r}")
+    _require(m.norm in NORMS, "model.norm", f"must be one of {', '.join(NORMS)}, got {m.norm!r}")
     _require(m.patch_size in (1, 2, 4), "model.patch_size", f"must be 1, 2 or 4, got {m.patch_size}")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     for key in ("depth", "hidden_size", "num_heads"):
@@ -319,6 +359,10 @@ def validate(cfg):
     _require(o.c_convention in ("mean", "sum"), "objective.c_convention",
              f"must be 'mean' (paper code) or 'sum' (iCT), got {o.c_convention!r}")
     _require(o.c >= 0 and math.isfinite(o.c), "objective.c", "must be >= 0 (0: the iCT constant)")
+    _require(o.c_schedule in C_SCHEDULES, "objective.c_schedule",
+             f"must be one of {', '.join(C_SCHEDULES)}, got {o.c_schedule!r}")
+    _require(o.c_measure_batches >= 1, "objective.c_measure_batches",
+             f"must be >= 1, got {o.c_measure_batches}")
     _require(o.diff_coef >= 0, "objective.diff_coef", "must be >= 0")
     _require(0 < o.diff_fraction < 1, "objective.diff_fraction", "must be in (0, 1)")
     _require(0 < o.sigma_min < o.sigma_max, "objective.sigma_min",
@@ -335,11 +379,17 @@ def validate(cfg):
     _require(p.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(p.eps > 0, "optim.eps", "must be > 0")
     _require(p.batch_size >= 2, "optim.batch_size", f"must be >= 2, got {p.batch_size}")
+    _require(p.epochs >= 0, "optim.epochs", f"must be >= 0 (0: run.steps sets the budget), got {p.epochs}")
     _require(p.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _require(p.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _require(0 <= p.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {p.ema_decay}")
 
-    _require(r.steps >= 1, "run.steps", f"must be >= 1, got {r.steps}")
+    _require(r.steps >= 0, "run.steps", f"must be >= 1, got {r.steps}")
+    _require(not (r.steps > 0 and p.epochs > 0), "run.steps",
+             f"run.steps and optim.epochs are both set ({r.steps} and {p.epochs}): give one "
+             "budget and set the other to 0")
+    _require(r.steps > 0 or p.epochs > 0, "run.steps",
+             "must be >= 1, got 0 (or set optim.epochs >= 1 for an epoch budget)")
     _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"), "run.device",
              f"must be auto, cpu or cuda[:N], got {r.device!r}")
     _require(r.precision in ("auto", "fp32", "bf16"), "run.precision",
@@ -356,6 +406,22 @@ def validate(cfg):
     _require(r.sigma_mid == 0 or o.sigma_min < r.sigma_mid < o.sigma_max, "run.sigma_mid",
              "must be 0 (default) or strictly between sigma_min and sigma_max")
     return cfg
+
+
+def resolve_total_steps(cfg, n_latents):
+    """The run's total steps K for a data set of ``n_latents`` latents.
+
+    ``run.steps`` if set; otherwise K = floor(|D| / B) * optim.epochs with B = optim.batch_size,
+    as the paper code (train_cm_latent.py: ``total_training_steps =
+    math.ceil(len(dataset) // global_batch_size) * epochs``, an epoch dropping its last
+    partial batch)."""
+    if cfg.run.steps > 0:
+        return cfg.run.steps
+    B = cfg.optim.batch_size
+    if n_latents < B:
+        raise ValueError(f"resolve_total_steps: optim.epochs needs at least one batch per epoch: "
+                         f"the batch {B} exceeds the {n_latents} latents")
+    return (n_latents // B) * cfg.optim.epochs
 
 
 def save_config(cfg, path):

@@ -22,8 +22,9 @@ import torch
 from . import distributed as ddp_lib
 from . import objective as obj
 from .checkpoint import CheckpointError, list_checkpoints, resolve_resume, save_checkpoint
+from .latent_report import format_outlier_report, outlier_stats
 from .checkpoint import checkpoint_path as checkpoint_name
-from .config import from_dict, save_config
+from .config import from_dict, resolve_total_steps, save_config
 from .pipeline import build_model, make_decoder, prepare_data
 from .plots import plot_metrics, save_image_grid
 from .sampling import default_sigma_mid, sample
@@ -123,6 +124,19 @@ class Trainer:
                 f"optim.batch_size: {cfg.optim.batch_size} exceeds the {self.data.latents.shape[0]} "
                 "training latents"
             )
+        # K: run.steps, or floor(|D| / B) * optim.epochs
+        self.total_steps = resolve_total_steps(cfg, self.data.latents.shape[0])
+        o = cfg.objective
+        if o.adaptive_c and o.c_schedule == "measured":
+            stage = obj.stage_length(self.total_steps, o.s0, o.s1)
+            if o.c_measure_batches >= stage:
+                raise ValueError(
+                    f"objective.c_measure_batches: {o.c_measure_batches} batches do not fit in a "
+                    f"curriculum stage of {stage} steps; use fewer batches or more steps")
+        self._measured = {}     # c_schedule=measured: {s: c} of the stages measured so far
+        self._pending_m = []    # the current stage's per-sample residuals m, until it is measured
+        self.stage_log = []     # [{"stage", "s", "step", "c", "rule"}], one per stage (and c)
+        self._announced_s = None
         torch.manual_seed(r.seed)
         self.model = build_model(cfg, self.data.latent_shape, self.data.num_classes).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -178,7 +192,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "curriculum": {"intervals": self.intervals(self.step), "c": self.robust_c(self.step)},
+            "curriculum": {"intervals": self.intervals(self.step), "c": self.robust_c(self.step),
+                           "measured": dict(self._measured), "stage_log": list(self.stage_log),
+                           "pending_m": [m.cpu() for m in self._pending_m]},
             "counters": {"skipped_total": self.skipped_total,
                          "consecutive_nonfinite": self.consecutive_nonfinite},
             "latent_stats": self.data.stats.state_dict(),
@@ -196,6 +212,11 @@ class Trainer:
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = int(state["step"])
+        curriculum = state.get("curriculum", {})
+        self._measured = {int(k): float(v) for k, v in curriculum.get("measured", {}).items()}
+        self._pending_m = [m.to(self.device) for m in curriculum.get("pending_m", [])]
+        self.stage_log = list(curriculum.get("stage_log", []))
+        self._announced_s = self.stage_log[-1]["s"] if self.stage_log else None
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.world and self.is_main:
             print(f"lct-train: resuming a run saved by {saved_world} process(es) on {self.world}: "
@@ -215,16 +236,58 @@ class Trainer:
     # ---- schedules (pure functions of the step) ------------------------------------------
     def intervals(self, step):
         o = self.cfg.objective
-        return obj.curriculum_intervals(step, self.cfg.run.steps, o.s0, o.s1)
+        return obj.curriculum_intervals(step, self.total_steps, o.s0, o.s1)
+
+    def _measuring(self, step):
+        """Whether step ``step`` is in its stage's c-measurement window (c_schedule=measured)."""
+        o = self.cfg.objective
+        s = self.intervals(step)
+        return o.adaptive_c and o.c_schedule == "measured" and s > o.s0 and s not in self._measured
 
     def robust_c(self, step):
-        """c in the kernels' per-element-mean units (the convention mapping applied)."""
+        """c in the kernels' per-element-mean units.
+
+        Stage 1's c1 (0.00054 sqrt(D) or objective.c) is read in the c_convention's units
+        (sum: c1 / sqrt(D) per element); the fitted (paper), anchored (c1 (s/s0)^-1.15)
+        and measured c are per-element values already and are not rescaled.  While a
+        stage's c is being measured, the previous stage's c is used."""
         o = self.cfg.objective
-        base = o.c if o.c > 0 else None
-        c = obj.cauchy_c(self.intervals(step), o.s0, base_c=base, dim=self.dim,
-                         adaptive=o.adaptive_c)
         divisor, _ = obj.convention_scale(o.loss, o.c_convention, self.dim)
-        return c / divisor
+        base = (o.c if o.c > 0 else 0.00054 * math.sqrt(self.dim)) / divisor
+        s = self.intervals(step)
+        if o.adaptive_c and o.c_schedule == "measured" and s > o.s0:
+            if s not in self._measured:  # measuring: the c of the step before this stage
+                K1 = obj.stage_length(self.total_steps, o.s0, o.s1)
+                return self.robust_c((step // K1) * K1 - 1)
+            return self._measured[s]
+        return obj.cauchy_c(s, o.s0, base_c=base, adaptive=o.adaptive_c, schedule=o.c_schedule)
+
+    def _log_stage(self, step, note=""):
+        """Records (stage_log, summary.json) and prints the c a stage trains with."""
+        o = self.cfg.objective
+        s = self.intervals(step)
+        stage = step // obj.stage_length(self.total_steps, o.s0, o.s1) + 1
+        rule = "constant" if not o.adaptive_c or s <= o.s0 else o.c_schedule
+        entry = {"stage": stage, "s": s, "step": step, "c": self.robust_c(step), "rule": rule}
+        self.stage_log.append(entry)
+        if self.is_main:
+            print(f"lct-train: step {step}: stage {stage} (s={s}, N={s + 1}): c={entry['c']:.5g} "
+                  f"({rule}{note})", file=sys.stderr)
+
+    def _record_residuals(self, step, m):
+        """c_schedule=measured: collect m of the window's batches; set c when it is full."""
+        self._pending_m.append(m.detach())
+        o = self.cfg.objective
+        if len(self._pending_m) < o.c_measure_batches:
+            return
+        local = torch.cat(self._pending_m)
+        everything = ddp_lib.all_gather_batch(local) if self.world > 1 else local
+        s = self.intervals(step)
+        self._measured[s] = obj.measured_c(everything)
+        self._pending_m = []
+        median = float(torch.quantile(everything.double(), 0.5))
+        self._log_stage(step + 1, f": sqrt(median m / 2) over {everything.numel()} samples of "
+                                  f"{o.c_measure_batches} batches, median m = {median:.3g}")
 
     def lr(self, step):
         o = self.cfg.optim
@@ -288,6 +351,16 @@ class Trainer:
         """One optimisation step; returns a dict of the step's metrics."""
         cfg, o = self.cfg, self.cfg.objective
         step = self.step
+        if self.intervals(step) != self._announced_s:  # a new stage: say which c it trains with
+            self._announced_s = self.intervals(step)
+            if self._measuring(step):
+                if self.is_main:
+                    print(f"lct-train: step {step}: stage (s={self.intervals(step)}) measures its c "
+                          f"over {o.c_measure_batches} batches, training with c="
+                          f"{self.robust_c(step):.5g} meanwhile", file=sys.stderr)
+            else:
+                self._log_stage(step)
+        measuring = self._measuring(step)
         x, noise, y, indices, sigmas, ot_ms, global_indices = self.step_inputs(step)
         c = self.robust_c(step)
         diff_coef = o.diff_coef
@@ -301,12 +374,12 @@ class Trainer:
             group["lr"] = self.lr(step)
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            total, cm, diff, _ = obj.consistency_losses(
+            total, cm, diff, _, *residual = obj.consistency_losses(
                 self.ddp, x, noise, y, indices, sigmas, loss=o.loss, c=c, teacher_net=self.model,
                 diffusion=o.diffusion_loss, diff_coef=diff_coef, diff_fraction=o.diff_fraction,
                 weight_multiplier=weight_mult, sigma_min=o.sigma_min, sigma_data=o.sigma_data,
                 dropout_seed=(_seed_for(cfg.run.seed, step, 4) if cfg.model.dropout > 0 else None),
-                backend=self.backend,
+                backend=self.backend, return_residual=measuring,
             )
         self.optimizer.zero_grad(set_to_none=True)
         # one all-reduce: the global loss (every process takes the same skip decision)
@@ -324,6 +397,8 @@ class Trainer:
             self.optimizer.step()
             self.update_ema(step)
             self.consecutive_nonfinite = 0
+            if measuring:
+                self._record_residuals(step, residual[0])
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_total += 1
@@ -418,12 +493,15 @@ class Trainer:
         tb = self._tensorboard() if main else None
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=r.steps, initial=self.step, disable=not (r.progress and main),
+        if main:
+            print(format_outlier_report(self.latent_outliers(), "lct-train: training latents"),
+                  file=sys.stderr)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (r.progress and main),
                    desc="lct-train", unit="step", dynamic_ncols=True)
         start_step, t_start = self.step, time.perf_counter()
         window, t_window = [], time.perf_counter()
         status = "completed"
-        end = r.steps if stop_after is None else min(r.steps, self.step + stop_after)
+        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         try:
             while self.step < end:
                 metrics = self.train_step()
@@ -452,7 +530,7 @@ class Trainer:
                             else "a signal to another process")
                     status = f"interrupted by {name}"
                     break
-            if self.step < r.steps and status == "completed":
+            if self.step < self.total_steps and status == "completed":
                 status = "stopped early (stop_after)"
         finally:
             bar.close()
@@ -469,19 +547,26 @@ class Trainer:
             self.write_samples()
         elapsed = time.perf_counter() - t_start
         summary = {
-            "status": status, "step": self.step, "steps_total": r.steps,
+            "status": status, "step": self.step, "steps_total": self.total_steps,
             "steps_this_run": self.step - start_step, "seconds": round(elapsed, 2),
             "steps_per_s": round((self.step - start_step) / max(elapsed, 1e-9), 3),
             "skipped_nonfinite": self.skipped_total, "checkpoint": str(ckpt),
             "device": str(self.device), "precision": "bf16" if self.autocast else "fp32",
             "processes": self.world,
             "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            "final": self._last_row(),
+            "final": self._last_row(), "stages": list(self.stage_log),
+            "latent_outliers": self.latent_outliers(),
         }
         if main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         ddp_lib.barrier()
         return summary
+
+    def latent_outliers(self):
+        """Outlier statistics of the training latents (at most 4096 of them: the first ones)."""
+        if getattr(self, "_outliers", None) is None:
+            self._outliers = outlier_stats(self.data.latents[:4096])
+        return self._outliers
 
     def _summarise(self, window, seconds):
         good = [m for m in window if not m["skipped"]]

@@ -1,20 +1,31 @@
 """DiT (adaLN-zero) for consistency training, with sLCT's non-scaling LayerNorm.
 
-Three norm variants share one module tree and one state_dict layout:
+The norms, as in the authors' DiT (quandao10/LCT models/network_dit.py; block norms
+as facebookresearch/DiT):
 
-* ``nsln=True, fused=True`` (sLCT, default): qk-norm is ``NonScalingLayerNorm``
-  (weight frozen at 1, learnable bias); the block and final norms are
-  ``lct_kernels.nsln_modulate`` (NsLN + adaLN modulate in one kernel), each with
-  its own zero-initialised NsLN bias.
-* ``nsln=True, fused=False``: the same math in plain PyTorch (benchmark baseline).
-  Same parameter names and shapes, so a checkpoint loads into either.
-* ``nsln=False`` (iCT): plain LayerNorm, i.e. standard DiT (learnable qk-norm
-  scale and bias; block norms without affine parameters).
+* norm1, norm2, norm_final: LayerNorm over the hidden size without affine
+  parameters (eps 1e-6), followed by adaLN's modulate;
+* qk-norm (per head, over head_dim, eps 1e-5 as timm's LayerNorm default):
+  ``nsln=True`` (sLCT): NsLN, the weight frozen at 1, a learnable bias;
+  ``nsln=False`` (iCT / plain DiT): LayerNorm with learnable weight and bias;
+* ``norm_bias=True`` (an option, not in the paper): a learnable zero-initialised bias
+  on norm1/norm2/norm_final, added before the modulation (the model of this trainer
+  before issue 13; the demo preset keeps it).
+
+``fused`` picks the kernels (``lct_kernels.nsln_modulate``, ``NonScalingLayerNorm``,
+``FusedLayerNorm``) or the same math in eager PyTorch: a backend choice with the same
+parameters and state_dict, never a different model.
+
+Precision: under autocast the two ends of the network run in fp32 (``fp32_ends``):
+the patch embedding of the input and the final layer (adaLN modulation, norm and
+output projection); the transformer blocks run in bf16.  The residual stream is
+fp32 throughout (the fp32 pos_embed promotes it).
 
 Shapes: x (B, C, H, W) with H == W == input_size; t (B,) float (the caller's time
 input, e.g. 250 * ln(sigma), may be negative); y (B,) int64 or None.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -22,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.layer_norm import NonScalingLayerNorm
+from ..nn.layer_norm import FusedLayerNorm, NonScalingLayerNorm
 from ..ops import layer_norm as _ln
 
 DIT_SIZES = {
@@ -33,7 +44,8 @@ DIT_SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 
-_EPS = 1e-6  # DiT's LayerNorm eps
+_EPS = 1e-6  # DiT's block-norm eps (norm1, norm2, norm_final)
+_QK_EPS = 1e-5  # qk-norm eps: timm's Attention builds it with LayerNorm's default
 
 
 def num_parameters(model):
@@ -71,28 +83,30 @@ def sincos_pos_embed_2d(dim, grid):
 
 
 def _qk_norm(head_dim, nsln, fused, backend):
-    if nsln and fused:
-        norm = NonScalingLayerNorm(head_dim, eps=_EPS)
+    if fused:
+        norm = (NonScalingLayerNorm if nsln else FusedLayerNorm)(head_dim, eps=_QK_EPS)
         norm.backend = backend
         return norm
-    norm = nn.LayerNorm(head_dim, eps=_EPS)
+    norm = nn.LayerNorm(head_dim, eps=_QK_EPS)
     if nsln:  # eager NsLN: the same frozen unit weight, so state_dicts match the fused model
         norm.weight.requires_grad_(False)
     return norm
 
 
 class ModulatedNorm(nn.Module):
-    """adaLN's ``norm(x) * (1 + scale[:, None]) + shift[:, None]`` in the chosen variant.
+    """adaLN's ``(LN(x) + bias) * (1 + scale[:, None]) + shift[:, None]``, LN without affine
+    (eps 1e-6).
 
     forward(x (B, T, D), shift (B, D), scale (B, D)) -> (B, T, D) in x's dtype
-    (plain-PyTorch variants: whatever type promotion / autocast gives).
-    ``bias`` (D,) exists only for NsLN (zero-initialised, learnable)."""
+    (plain-PyTorch variant: whatever type promotion / autocast gives).
+    ``bias`` (D,) exists only with ``bias=True`` (zero-initialised, learnable)."""
 
-    def __init__(self, dim, nsln=True, fused=True, backend=None):
+    def __init__(self, dim, bias=False, fused=True, backend=None):
         super().__init__()
         self.dim = dim
-        self.fused = bool(nsln and fused)
-        self.bias = nn.Parameter(torch.zeros(dim)) if nsln else None
+        self.eps = _EPS
+        self.fused = bool(fused)
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.backend = backend
 
     def forward(self, x, shift, scale):
@@ -100,14 +114,14 @@ class ModulatedNorm(nn.Module):
             # The kernel wants one dtype for x, shift, scale and bias outside autocast
             # (and accepts a mix under it); casting to x's dtype is right in both
             # cases and keeps autograd to the fp32 parameters through .to().
-            bias = self.bias.to(x.dtype)
-            return _ln.nsln_modulate(x, shift.to(x.dtype), scale.to(x.dtype), bias, _EPS,
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return _ln.nsln_modulate(x, shift.to(x.dtype), scale.to(x.dtype), bias, self.eps,
                                      backend=self.backend)
-        h = F.layer_norm(x, (self.dim,), None, self.bias, _EPS)
+        h = F.layer_norm(x, (self.dim,), None, self.bias, self.eps)
         return h * (1 + scale[:, None]) + shift[:, None]
 
     def extra_repr(self):
-        return f"{self.dim}, nsln={self.bias is not None}, fused={self.fused}"
+        return f"{self.dim}, bias={self.bias is not None}, fused={self.fused}"
 
 
 class Attention(nn.Module):
@@ -153,11 +167,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-zero transformer block: forward(x (B, T, D), c (B, D)) -> (B, T, D)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, nsln, fused, dropout, backend):
+    def __init__(self, dim, num_heads, mlp_ratio, nsln, fused, dropout, backend, norm_bias=False):
         super().__init__()
-        self.norm1 = ModulatedNorm(dim, nsln, fused, backend)
+        self.norm1 = ModulatedNorm(dim, norm_bias, fused, backend)
         self.attn = Attention(dim, num_heads, nsln, fused, dropout, backend)
-        self.norm2 = ModulatedNorm(dim, nsln, fused, backend)
+        self.norm2 = ModulatedNorm(dim, norm_bias, fused, backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -170,9 +184,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) + norm + Linear: (B, T, D), c (B, D) -> (B, T, p * p * C)."""
 
-    def __init__(self, dim, patch_size, out_channels, nsln, fused, backend):
+    def __init__(self, dim, patch_size, out_channels, norm_bias, fused, backend):
         super().__init__()
-        self.norm_final = ModulatedNorm(dim, nsln, fused, backend)
+        self.norm_final = ModulatedNorm(dim, norm_bias, fused, backend)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -193,14 +207,19 @@ def _check_real(name, value, ok, want):
 
 
 class DiT(nn.Module):
-    """Diffusion transformer with adaLN-zero; see the module docstring for the norm variants.
+    """Diffusion transformer with adaLN-zero; see the module docstring for the norm variants
+    and the precision.
 
     forward(x (B, C, H, W) float, t (B,) float, y (B,) int64 or None) -> (B, C, H, W) in
     x's dtype. y must be given iff num_classes > 0. A freshly built model outputs zeros."""
 
+    # Under autocast, run the patch embedding and the final layer in fp32 (False: the
+    # whole network under autocast, as before issue 13; kept for the precision test).
+    fp32_ends = True
+
     def __init__(self, input_size, in_channels, patch_size=2, hidden_size=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, num_classes=0, nsln=True, fused=True, dropout=0.0,
-                 backend=None):
+                 backend=None, norm_bias=False):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("in_channels", in_channels, 1)
@@ -223,7 +242,7 @@ class DiT(nn.Module):
 
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.hidden_size, self.num_heads, self.num_classes = hidden_size, num_heads, num_classes
-        self.nsln, self.fused = bool(nsln), bool(fused) and bool(nsln)
+        self.nsln, self.fused, self.norm_bias = bool(nsln), bool(fused), bool(norm_bias)
         self.grid = input_size // patch_size
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -235,9 +254,10 @@ class DiT(nn.Module):
                                         nn.Linear(hidden_size, hidden_size))
         self.y_embedder = nn.Embedding(num_classes, hidden_size) if num_classes > 0 else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, nsln, fused, dropout, backend)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, nsln, fused, dropout, backend, norm_bias)
             for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, nsln, fused, backend)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, norm_bias, fused,
+                                      backend)
         self._init_weights()
 
     def _init_weights(self):
@@ -288,11 +308,20 @@ class DiT(nn.Module):
         h = h.reshape(B, g, g, p, p, C)
         return h.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
+    def _ends(self, x):
+        """The context of the network's two ends: autocast off (fp32) when ``fp32_ends``."""
+        if self.fp32_ends and torch.is_autocast_enabled(x.device.type):
+            return torch.autocast(x.device.type, enabled=False)
+        return contextlib.nullcontext()
+
     def forward(self, x, t, y=None):
         self._check_inputs(x, t, y)
-        # (B, D, g, g) -> (B, T, D); the fp32 pos_embed keeps the residual stream fp32 under
-        # autocast (type promotion), as in the reference DiT.
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        # (B, D, g, g) -> (B, T, D).  In fp32 under autocast (fp32_ends): bf16 rounding of
+        # the input here reaches the output almost undamped.  The fp32 pos_embed keeps the
+        # residual stream fp32 under autocast (type promotion), as in the reference DiT.
+        with self._ends(x):
+            h = self.x_embedder(x.to(self.x_embedder.weight.dtype)).flatten(2).transpose(1, 2)
+            h = h + self.pos_embed
         # Features are computed in fp32; cast to the MLP's dtype so a model converted with
         # .to(torch.bfloat16) runs without autocast (under autocast the weight stays fp32).
         c = self.t_embedder(timestep_features(t).to(self.t_embedder[0].weight.dtype))
@@ -300,11 +329,15 @@ class DiT(nn.Module):
             c = c + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c)).to(x.dtype)
+        with self._ends(x):  # the output projection in fp32: its rounding is the loss's floor
+            dtype = self.final_layer.linear.weight.dtype
+            out = self.final_layer(h.to(dtype), c.to(dtype))
+        return self.unpatchify(out).to(x.dtype)
 
 
 def build_dit(size, input_size, in_channels, patch_size=2, num_classes=0, nsln=True, fused=True,
-              dropout=0.0, backend=None, depth=None, hidden_size=None, num_heads=None):
+              dropout=0.0, backend=None, depth=None, hidden_size=None, num_heads=None,
+              norm_bias=False):
     """DiT of a named size (``DIT_SIZES``; case-insensitive, e.g. "s" or "XL"); ``depth``,
     ``hidden_size`` and ``num_heads`` override the size's values when given."""
     by_lower = {k.lower(): k for k in DIT_SIZES}
@@ -316,4 +349,4 @@ def build_dit(size, input_size, in_channels, patch_size=2, num_classes=0, nsln=T
         if value:
             dims[name] = value
     return DiT(input_size, in_channels, patch_size=patch_size, num_classes=num_classes, nsln=nsln,
-               fused=fused, dropout=dropout, backend=backend, **dims)
+               fused=fused, dropout=dropout, backend=backend, norm_bias=norm_bias, **dims)

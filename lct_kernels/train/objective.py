@@ -52,16 +52,28 @@ def sample_indices(probabilities, batch_size, generator=None, device=None):
     return idx if device is None else idx.to(device)
 
 
+def stage_length(total_steps, s0=10, s1=640):
+    """The curriculum's stage length K' = floor(K / (log2(floor(s1 / s0)) + 1)), at least 1.
+
+    As the authors' code (quandao10/LCT models/script_util.py, ``improve_scale_fn``:
+    ``np.floor(total_steps / (np.log2(np.floor(end_scales / start_scales)) + 1))``, which is
+    iCT's formula): log2 is NOT rounded, so when s1/s0 is not a power of 2 the last
+    stage (s = s1) is shorter than the others.  K = 294 000, s0 = 10, s1 = 640: 42 000."""
+    if total_steps < 1:
+        raise ValueError(f"stage_length: total_steps must be >= 1, got {total_steps}")
+    if not 1 <= s0 <= s1:
+        raise ValueError(f"stage_length: need 1 <= s0 <= s1, got s0={s0}, s1={s1}")
+    return max(int(math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))), 1)
+
+
 def curriculum_intervals(step, total_steps, s0=10, s1=640):
     """iCT's doubling curriculum: s(k) = min(s0 * 2^floor(k / K'), s1), the number of intervals
-    at step k (so N(k) = s(k) + 1 grid points), with K' = floor(K / (log2 floor(s1/s0) + 1)).
+    at step k (so N(k) = s(k) + 1 grid points), with K' = ``stage_length(K, s0, s1)``.
 
     With the paper code's s0 = 10, s1 = 640 there are 7 equal stages (10, 20, ..., 640)."""
     if total_steps < 1:
         raise ValueError(f"curriculum_intervals: total_steps must be >= 1, got {total_steps}")
-    stages = int(math.log2(s1 // s0)) + 1
-    per_stage = max(total_steps // stages, 1)
-    return min(s0 * 2 ** (step // per_stage), s1)
+    return min(s0 * 2 ** (step // stage_length(total_steps, s0, s1)), s1)
 
 
 def consistency_weight(sigmas, indices):
@@ -69,19 +81,54 @@ def consistency_weight(sigmas, indices):
     return 1.0 / (sigmas[indices] - sigmas[indices + 1])
 
 
-def cauchy_c(intervals, s0=10, base_c=None, dim=None, adaptive=True):
-    """sLCT's Cauchy scale c for the current number of intervals s (per-element-mean convention).
+C_SCHEDULES = ("paper", "anchored", "measured")
+# c_schedule=measured: c = kappa * sqrt(median(m)).  With kappa = 1/sqrt(2), 2 c^2 = median(m):
+# the Cauchy loss ln(1 + m / (2c^2)) has its knee (the per-sample weight 1/(2c^2 + m) at half
+# its small-residual value) at the stage's median residual, so the larger half of the
+# residuals, where the impulsive outliers are, is down-weighted and the smaller half is not.
+MEASURED_C_KAPPA = 1.0 / math.sqrt(2.0)
 
-    Stage 1 (s <= s0): the iCT constant c = 0.00054 * sqrt(D) (``base_c`` overrides it).
-    From stage 2 on, with ``adaptive``: c(s) = exp(-1.15 ln s - 0.85), fitted by the authors to the
-    per-stage statistics of the consistency residuals.  Without ``adaptive`` c stays at stage 1's."""
+
+def cauchy_c(intervals, s0=10, base_c=None, dim=None, adaptive=True, schedule="paper",
+             measured=None):
+    """The robust loss's scale c for the current number of intervals s (per-element-mean units).
+
+    Stage 1 (s <= s0), and every stage without ``adaptive``: c1 = the iCT constant
+    0.00054 * sqrt(D) (``base_c`` overrides it).  From stage 2 on, with ``adaptive``:
+
+    * ``schedule="paper"``: c(s) = exp(-1.15 ln s - 0.85), the authors' log-log fit to the
+      per-stage residual statistics of 4x32x32 CelebA latents (D = 4096);
+    * ``"anchored"``: c(s) = c1 (s / s0)^-1.15, the fit's slope through stage 1's c, so
+      that it falls from stage to stage for any D (0.0156 at s = 20 for D = 4096);
+    * ``"measured"``: ``measured``, the value ``measured_c`` set for this stage."""
+    if schedule not in C_SCHEDULES:
+        raise ValueError(f"cauchy_c: schedule must be one of {', '.join(C_SCHEDULES)}, got {schedule!r}")
     if base_c is None:
         if dim is None:
             raise ValueError("cauchy_c: give the per-sample dimension `dim` or an explicit `base_c`")
         base_c = 0.00054 * math.sqrt(dim)
-    if adaptive and intervals > s0:
+    if not adaptive or intervals <= s0:
+        return base_c
+    if schedule == "paper":
         return math.exp(-1.15 * math.log(intervals) - 0.85)
-    return base_c
+    if schedule == "anchored":
+        return base_c * (intervals / s0) ** -1.15
+    if measured is None:
+        raise ValueError(f"cauchy_c: schedule='measured' needs the measured c of stage s={intervals} "
+                         "(measured=...)")
+    return float(measured)
+
+
+def measured_c(m, kappa=MEASURED_C_KAPPA):
+    """c = kappa * sqrt(median(m)) from per-sample residuals m (any shape, >= 1 finite values
+    >= 0; m = mean over elements of (f_theta - f_theta^-)^2).  The median interpolates between
+    the two middle values of an even count (numpy's).  Returns a Python float."""
+    if not isinstance(m, torch.Tensor) or m.numel() == 0:
+        raise ValueError("measured_c: m must be a non-empty tensor of per-sample residuals")
+    m = m.detach().double().flatten()
+    if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+        raise ValueError("measured_c: m must hold finite values >= 0")
+    return kappa * math.sqrt(float(torch.quantile(m, 0.5)))
 
 
 def convention_scale(loss, convention, dim):
@@ -137,12 +184,18 @@ def time_input(sigma):
 def denoise(net, x, sigma, labels=None, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA):
     """f_theta(x, sigma) = c_skip x + c_out F_theta(c_in x, 250 ln sigma, y).
 
-    x: (B, ...) float; sigma: (B,) float (any float dtype; cast to x's); labels: (B,) or None."""
+    x: (B, ...) float; sigma: (B,) float (any float dtype); labels: (B,) or None.
+    Returns x's dtype.  The coefficients and the c_skip / c_out combination are computed
+    in fp32 (or x's dtype if wider), outside autocast: the loss sees f - f^-, which at the
+    last stages is far smaller than bf16's resolution of f."""
     sigma = sigma.to(torch.float32)
     c_skip, c_out, c_in = cm_coefficients(sigma, sigma_min, sigma_data)
     shape = (-1,) + (1,) * (x.dim() - 1)
     out = net((c_in.view(shape) * x).to(x.dtype), time_input(sigma), labels)
-    return c_skip.view(shape) * x + c_out.view(shape) * out.to(x.dtype)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        f = c_skip.view(shape).to(wide) * x.to(wide) + c_out.view(shape).to(wide) * out.to(wide)
+    return f.to(x.dtype)
 
 
 def ot_pair(data, noise, labels=None, backend=None):
@@ -163,7 +216,7 @@ def ot_pair(data, noise, labels=None, backend=None):
 def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, diffusion,
                        diff_coef=5.0, diff_fraction=0.75, weight_multiplier=1.0,
                        sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA, dropout_seed=None,
-                       backend=None, teacher_net=None):
+                       backend=None, teacher_net=None, return_residual=False):
     """One iCT/sLCT loss evaluation (the caller does OT pairing and index sampling).
 
     data, noise: (B, C, H, W); labels: (B,) or None; indices: (B,) int64 in [0, N-2];
@@ -172,7 +225,9 @@ def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, di
     the dropout RNG (``dropout_seed``).  ``teacher_net`` (default ``net``) evaluates the
     teacher: the unwrapped module when ``net`` is a DistributedDataParallel wrapper.
 
-    Returns (total, cm_loss_per_sample, diff_loss, diff_mask) from ``lk.consistency_objective``."""
+    Returns (total, cm_loss_per_sample, diff_loss, diff_mask) from ``lk.consistency_objective``;
+    with ``return_residual`` a fifth entry, the per-sample residual
+    m = mean over elements of (f_theta - f_theta^-)^2, (B,) fp32, detached (for c_schedule=measured)."""
     sig = sigmas.to(data.device)
     t, t2 = sig[indices], sig[indices + 1]
     shape = (-1,) + (1,) * (data.dim() - 1)
@@ -199,4 +254,7 @@ def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, di
         student, teacher, data, weight, diff_weight, mask, c, loss=loss, diff_coef=diff_coef,
         backend=backend,
     )
+    if return_residual:
+        residual = (student.detach().float() - teacher.float()).square().flatten(1).mean(1)
+        return total, cm, diff, mask, residual
     return total, cm, diff, mask

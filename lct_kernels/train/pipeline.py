@@ -130,7 +130,8 @@ def build_model(cfg, latent_shape, num_classes):
         )
     return build_dit(
         cfg.model.size, input_size=H, in_channels=C, patch_size=cfg.model.patch_size,
-        num_classes=num_classes, nsln=cfg.model.nsln, fused=cfg.model.fused,
+        num_classes=num_classes, nsln=cfg.model.norm == "nsln", norm_bias=cfg.model.norm_bias,
+        fused=cfg.model.fused,
         dropout=cfg.model.dropout, backend=cfg.run.backend or None, depth=cfg.model.depth,
         hidden_size=cfg.model.hidden_size, num_heads=cfg.model.num_heads,
     )
