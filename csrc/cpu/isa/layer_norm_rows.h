@@ -40,6 +40,17 @@ inline void stream_copy(float* dst, const float* src, int64_t n) {
   for (; j < n; ++j) dst[j] = src[j];
 }
 
+// 1 / sqrt(v) in float64, rounded once to float32.  The SSE2 square root keeps
+// the libm call and its errno check (math-errno is on by default) off the
+// per-row path, which at D = 32 is most of a row's latency.
+inline float inv_sqrt(double v) {
+#if defined(__SSE2__)
+  return static_cast<float>(1.0 / _mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(v))));
+#else
+  return static_cast<float>(1.0 / __builtin_sqrt(v));
+#endif
+}
+
 inline void store_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
@@ -50,7 +61,11 @@ inline void store_fence() {
 
 void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, float* scratch) {
   const int64_t D = a.D;
+  // Per-row scalar work is what costs at small D: the group of a row is tracked
+  // incrementally (no 64-bit division per row), and there is one division per row.
+  int64_t g = r0 / a.group_rows, g_end = (g + 1) * a.group_rows;
   for (int64_t r = r0; r < r1; ++r) {
+    if (r == g_end) ++g, g_end += a.group_rows;
     const float* xi = a.x + r * a.x_stride;
     double sum = 0.0;
     for (int64_t jb = 0; jb < D; jb += kBlock) {
@@ -69,10 +84,9 @@ void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, 
       for (int64_t j = jb; j < je; ++j) acc += (xi[j] - mf) * (xi[j] - mf);
       ss += acc;
     }
-    const float rs = static_cast<float>(1.0 / __builtin_sqrt(ss / double(D) + a.eps));
+    const float rs = inv_sqrt(ss / double(D) + a.eps);
     a.mean[r] = mf;
     a.rstd[r] = rs;
-    const int64_t g = r / a.group_rows;
     const float* sc = a.scale ? a.scale + g * D : a.zeros;
     const float* sh = a.shift ? a.shift + g * D : a.zeros;
     const float* w = a.weight;
