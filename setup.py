@@ -96,7 +96,14 @@ def _write_generated_header(build_cuda):
         f'#define LCT_TORCH_VERSION "{torch.__version__}"\n'
         f'#define LCT_CUDA_ARCHS "{archs}"\n'
     )
-    with open(os.path.join(GENERATED, "lct", "build_config.h"), "w") as f:
+    path = os.path.join(GENERATED, "lct", "build_config.h")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return  # unchanged: keep its mtime, or ninja would recompile every file
+    except OSError:
+        pass
+    with open(path, "w") as f:
         f.write(text)
 
 

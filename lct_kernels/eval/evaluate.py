@@ -16,6 +16,7 @@ folder of real images, computed with an Inception weights file the user
 provides (``--inception-weights FILE``).  Nothing is ever downloaded.
 """
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -167,18 +168,49 @@ def check_real_data_inputs(real_dir, inception_weights):
         import torch_fidelity  # noqa: F401
     except ImportError:
         raise ImportError("FID on real data needs torch-fidelity (pip install torch-fidelity)") from None
+    st = weights.stat()
+    _check_inception_weights(str(weights.resolve()), st.st_size, st.st_mtime_ns)
     return weights
+
+
+# torch-fidelity's FeatureExtractorInceptionV3: its first convolution and its 1008-way fc
+_INCEPTION_KEYS = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048)}
+
+
+@functools.lru_cache(maxsize=4)
+def _check_inception_weights(path, _size, _mtime_ns):
+    """ValueError unless ``path`` holds an Inception-v3 state dict in torch-fidelity's
+    layout (checked once per file version; torch-fidelity would fail deep inside)."""
+    what = ("--inception-weights: expected torch-fidelity's Inception-v3 state dict "
+            "(pt_inception-2015-12-05-6726825d.pth)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"{what}; {path} is not a readable torch file "
+                         f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}; {path} holds a {type(state).__name__}, not a state dict")
+    for key, shape in _INCEPTION_KEYS.items():
+        t = state.get(key)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else ("missing" if t is None else type(t).__name__)
+            raise ValueError(f"{what}; in {path}, {key} should have shape {shape}, got {got}")
 
 
 def real_data_metrics(fake_dir, real_dir, inception_weights):
     """FID and precision/recall (torch-fidelity) of a folder of generated images against
-    a folder of real ones, with a local Inception weights file (never downloaded)."""
+    a folder of real ones (searched recursively, so class subfolders work), with a
+    local Inception weights file (never downloaded).  Precision and recall use the
+    same Inception pool features as FID (torch-fidelity's default for them is VGG16,
+    whose weights would be a second download)."""
     weights = check_real_data_inputs(real_dir, inception_weights)
     import torch_fidelity
 
     out = torch_fidelity.calculate_metrics(
         input1=str(fake_dir), input2=str(real_dir), fid=True, prc=True, verbose=False,
-        cuda=torch.cuda.is_available(), feature_extractor_weights_path=str(weights))
+        cuda=torch.cuda.is_available(), feature_extractor="inception-v3-compat",
+        feature_layer_fid="2048", feature_layer_prc="2048", samples_find_deep=True,
+        feature_extractor_weights_path=str(weights))
     return {"fid": float(out["frechet_inception_distance"]),
             "precision": float(out.get("precision", math.nan)),
             "recall": float(out.get("recall", math.nan))}
