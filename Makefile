@@ -8,6 +8,10 @@
 #   make cmake-check libtorch build of csrc/ plus its ctest
 #   make triton-compile-check  compile every Triton kernel for sm_90/sm_80 (no GPU) and write
 #                    the resource table to docs/gpu_resources.md (TRITON_CHECK_ARGS=--check-only: no write)
+#   make wheel       dist/lct_kernels-*.whl (CPU extension, torch 2.13) from a staged copy of the tree
+#   make wheel-check install that wheel (+[train]) into a fresh venv, outside the tree; run it
+#   make integration tests against the real timm/diffusers/torch-fidelity/tensorboard/torchcfm
+#                    in .venv-cuda (torch 2.11), lct_kernels installed there from a wheel
 # Variables: PYTHON (a Python >= 3.10), VENV, TORCH (the torch requirement).
 
 PYTHON ?= python3
@@ -20,7 +24,7 @@ CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*/*.h csrc/*/*.cuh csrc/include/lct/*.h)
 
 .PHONY: gpu-wheels gpu-check-dry-run
-.PHONY: install peers demo report test bench cuda-check cmake-check clean triton-compile-check
+.PHONY: install peers demo report test bench cuda-check cmake-check wheel wheel-check integration clean triton-compile-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +81,67 @@ cmake-check: $(BIN)/python
 triton-compile-check: $(BIN)/python
 	$(BIN)/python benchmarks/triton_compile_check.py $(TRITON_CHECK_ARGS)
 
+# --- wheel -----------------------------------------------------------------------
+# Wheels are built from a staged copy of the sources (git's tracked and untracked,
+# not ignored files), never from the tree itself: the in-tree editable build's .so
+# and build/ must not leak into a wheel, and a build for another torch must not
+# reuse them.  The staged build/ is kept, so a rebuild recompiles only what changed.
+# $(call stage,DIR)
+stage = mkdir -p $(1) && rm -rf $(1)/lct_kernels $(1)/csrc $(1)/build/lib.* $(1)/build/bdist.* && \
+  git ls-files -z -co --exclude-standard -- setup.py pyproject.toml README.md csrc lct_kernels \
+  | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $(1)
+WHEEL_DIR := build-wheel
+WHEEL_VENV := $(WHEEL_DIR)/venv
+
+wheel: $(BIN)/python
+	$(call stage,$(WHEEL_DIR)/src)
+	rm -f dist/lct_kernels-*.whl
+	cd $(WHEEL_DIR)/src && LCT_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} \
+	  $(abspath $(BIN))/pip wheel -q --no-build-isolation --no-deps . -w $(abspath dist)
+	$(BIN)/python benchmarks/check_wheel.py --contents dist/lct_kernels-*.whl --source $(WHEEL_DIR)/src/lct_kernels
+
+# A fresh venv each time (torch from the local wheel, then ours with its [train]
+# extra, not editable); the checks run from a folder outside the source tree.
+wheel-check: wheel
+	rm -rf $(WHEEL_VENV) $(WHEEL_DIR)/run
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "$(TORCH)"
+	$(WHEEL_VENV)/bin/pip install -q "$$(ls dist/lct_kernels-*.whl)[train]"
+	mkdir -p $(WHEEL_DIR)/run
+	cd $(WHEEL_DIR)/run && ../venv/bin/python $(abspath benchmarks/check_wheel.py) --installed
+
+# --- integration -----------------------------------------------------------------
+# The registry's torch 2.11 (a CUDA build, run on the CPU) has a torchvision, which
+# timm needs; .venv-cuda (make cuda-check's venv) gets the real libraries, and
+# lct_kernels is installed into it from a wheel built for torch 2.11 (CPU extension
+# only), so the tests import site-packages, never the tree (whose .so is torch 2.13's).
+INT_DIR := build-int
+INT_PY := $(abspath $(CUDA_VENV))/bin/python
+# Pins: the newest releases that install with torch 2.11 / numpy<2.4 / triton 3.6
+# (torch 2.11 pins triton 3.6.0 itself); transformers is not needed by AutoencoderKL.
+# torch and torchvision are restated so that pip never moves them (an unpinned
+# torchvision requirement would otherwise pull a newer torch).
+INT_TORCH ?= torch==2.11.0 torchvision==0.26.0
+INT_DEPS := $(INT_TORCH) "timm==1.0.31" "diffusers==0.42.1" "torch-fidelity==0.4.0" \
+  "tensorboard==2.21.0" "numpy<2.4" pytest hypothesis scipy pot scikit-learn tqdm matplotlib \
+  safetensors pillow pyyaml
+
+$(CUDA_VENV)/.integration-deps: $(CUDA_VENV)/bin/python
+	$(CUDA_VENV)/bin/pip install -q $(INT_DEPS)
+	$(CUDA_VENV)/bin/pip install -q --no-deps "torchcfm==1.0.7"
+	touch $@
+
+integration: $(CUDA_VENV)/.integration-deps
+	$(call stage,$(INT_DIR)/src)
+	rm -rf $(INT_DIR)/dist
+	cd $(INT_DIR)/src && LCT_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} \
+	  $(INT_PY) -m pip wheel -q --no-build-isolation --no-deps . -w ../dist
+	$(INT_PY) -m pip install -q --no-deps --force-reinstall $(INT_DIR)/dist/lct_kernels-*.whl
+	cd $(INT_DIR) && LCT_REQUIRE_INSTALLED=1 TRITON_INTERPRET=1 $(INT_PY) -m pytest ../tests -q \
+	  -p no:cacheprovider -m "not integration"
+	cd $(INT_DIR) && LCT_REQUIRE_INSTALLED=1 TRITON_INTERPRET=1 $(INT_PY) -m pytest ../tests -q \
+	  -p no:cacheprovider -m integration
+
 # --- GPU check ---------------------------------------------------------------------
 # Benchmark peers the GPU machine lacks (it has numpy, scipy, torch, triton, matplotlib, and
 # can reach no registry), as Python 3.12 manylinux x86_64 wheels for the device tool's carry:
@@ -102,4 +167,4 @@ gpu-check-dry-run: $(GPU_WHEELS)/.done
 	bash benchmarks/gpu_check.sh --dry-run
 
 clean:
-	rm -rf build build-cuda runs *.egg-info lct_kernels/*.so lct_kernels/_build_info.json
+	rm -rf build build-cuda build-wheel build-int dist runs *.egg-info lct_kernels/*.so lct_kernels/_build_info.json
