@@ -515,7 +515,7 @@ class Trainer:
                         writer.writerow(row)
                         fh.flush()
                     if tb is not None:
-                        for key in ("loss", "cm_loss", "diff_loss", "c", "N", "grad_norm"):
+                        for key in ("loss", "cm_loss", "diff_loss", "c", "N", "lr", "grad_norm"):
                             tb.add_scalar(f"train/{key}", row[key], self.step)
                     bar.set_postfix(loss=f"{row['loss']:.4g}", c=f"{row['c']:.3g}", N=row["N"])
                     window, t_window = [], time.perf_counter()
