@@ -10,7 +10,8 @@ cover each kernel template the dispatchers can pick: robust losses per-sample an
 elementwise (register and streamed rows, 16-byte packs and element loads, mean / none
 reductions), the consistency objective (cached and streamed rows), layer norm forward and
 backward in each path (warp rows, two warps per row for 1025-2048 bf16/fp16, block rows;
-no parameters, bias, weight + bias, from y, adaLN modulate; several chunks; D = 0), and
+no parameters, bias, bias without dx, weight + bias, from y, adaLN modulate; several
+chunks; D = 0), and
 ot_assign with the cost staged in shared memory and streamed, plus a padded batch.  Each
 dtype is run where it selects a different kernel.  Shapes stay tiny so a memcheck run
 takes seconds.  Exits 1 if a case raised; without a CUDA device (and no --dry-run) it
@@ -31,12 +32,12 @@ SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 def loss_cases(dev, be, L):
     fns = (L.cauchy_loss, L.pseudo_huber_loss, L.geman_mcclure_loss)
     for dt in DTYPES:
-        # (2, 16): packs; (3, 7): element loads; (2, 20000): rows longer than the
-        # registers hold (fp32: > 4 x 1024 packs of 4) -> streamed.
-        for shape in ((2, 16), (3, 7), (2, 20000)):
+        # (2, 16): packs; (3, 7): element loads; (2, 40000): rows longer than the
+        # registers hold (> 4 x 1024 packs of 4 fp32 / 8 bf16) -> streamed.
+        for shape in ((2, 16), (3, 7), (2, 40000)):
             for ew in (False, True):
                 for i, fn in enumerate(fns):
-                    if shape[1] == 20000 and i > 0:
+                    if shape[1] == 40000 and i > 0:
                         continue  # the kind is a runtime argument: one is enough for the long rows
                     red = "mean" if i != 1 else "none"
 
@@ -52,8 +53,8 @@ def loss_cases(dev, be, L):
 
 def objective_cases(dev, be, L):
     for dt in DTYPES:
-        # (3, 16) cached rows; (2, 9) element loads; (2, 10000) streamed (> 2 x 1024 packs).
-        for shape in ((3, 16), (2, 9), (2, 10000)):
+        # (3, 16) cached rows; (2, 9) element loads; (2, 20000) streamed (> 2 x 1024 packs).
+        for shape in ((3, 16), (2, 9), (2, 20000)):
             def case(shape=shape, dt=dt):
                 s = torch.randn(shape, device=dev).to(dt).requires_grad_()
                 t = torch.randn(shape, device=dev).to(dt)
@@ -70,10 +71,10 @@ def objective_cases(dev, be, L):
 def ln_widths(dt):
     if dt == torch.float32:  # 4 per pack: warp rows up to 1024
         return {"warp D=64": 64, "warp D=1024": 1024, "block D=1028": 1028,
-                "warp unaligned D=7": 7, "block unaligned D=300": 300}
+                "warp unaligned D=7": 7, "block unaligned D=301": 301}
     # 8 per pack: warp rows up to 2048; 1025-2048 take two warps per row
     return {"warp D=64": 64, "warp D=768": 768, "warp 2/row D=1152": 1152,
-            "block D=2056": 2056, "warp unaligned D=7": 7, "block unaligned D=300": 300}
+            "block D=2056": 2056, "warp unaligned D=7": 7, "block unaligned D=301": 301}
 
 
 def layer_norm_cases(dev, be, L):
@@ -83,17 +84,17 @@ def layer_norm_cases(dev, be, L):
         for label, D in ln_widths(dt).items():
             # 2 x 3 rows: one chunk; D = 64 also runs 1100 rows (3 chunks of 512 rows).
             for rows in ((2, 3), (2, 550)) if D == 64 else ((2, 3),):
-                for params in ("none", "bias", "weight+bias", "from y", "modulate"):
+                for params in ("none", "bias", "bias, no dx", "weight+bias", "from y", "modulate"):
                     if rows[1] > 3 and params not in ("weight+bias", "modulate"):
                         continue
 
                     def case(D=D, rows=rows, params=params, dt=dt):
-                        x = torch.randn(*rows, D, device=dev).to(dt).requires_grad_()
+                        x = torch.randn(*rows, D, device=dev).to(dt).requires_grad_(params != "bias, no dx")
                         w = (torch.rand(D, device=dev) + 0.5).to(dt).requires_grad_()
                         b = torch.randn(D, device=dev).to(dt).requires_grad_()
                         if params == "none":
                             y = L.non_scaling_layer_norm(x, D, backend=be)
-                        elif params == "bias":
+                        elif params in ("bias", "bias, no dx"):  # no dx: partials only
                             y = L.non_scaling_layer_norm(x, D, bias=b, backend=be)
                         elif params == "weight+bias":
                             y = layer_norm(x, D, weight=w, bias=b, backend=be)
