@@ -68,11 +68,11 @@ cuda-check: $(CUDA_VENV)/bin/python
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} LCT_BUILD_CUDA=1 \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext -b build-cuda/lib -t build-cuda/tmp
 	$(CUDA_VENV)/bin/python benchmarks/check_cuda_build.py build-cuda/lib/lct_kernels
+	$(CUDA_VENV)/bin/python benchmarks/cuda_resources.py build-cuda/lib/lct_kernels --write docs/gpu_resources.md
 
 cmake-check: $(BIN)/python
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake
-	$(CUDA_VENV)/bin/python benchmarks/cuda_resources.py build-cuda/lib/lct_kernels --write docs/gpu_resources.md
 	ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -c "import torch; torch.ops.load_library('build/cmake/liblct_ops.so'); print('liblct_ops.so loads:', torch.ops.lct.robust_loss)"
 
