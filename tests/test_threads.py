@@ -167,3 +167,29 @@ def test_cpu_report_names_model_and_isa_path(monkeypatch):
     assert L.backend_info()["cpu"]["isa"] == "base: forced by LCT_CPU_ISA=base"
     text = L.format_backend_info()
     assert name in text and "isa path" in text
+
+
+def test_small_coupling_cost_runs_on_one_thread_and_restores_threads(threads, monkeypatch):
+    """The demo-size cost GEMM runs with torch's thread count at 1 (no fork), the
+    count is restored afterwards, and the cost is -2 x0 x1^T (float64 check)."""
+    from lct_kernels.ops import ot as O
+
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(torch.get_num_threads())
+        return real(a, b)
+
+    threads(2)
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = torch.randn(128, 2, 4, 4, generator=g), torch.randn(128, 2, 4, 4, generator=g)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    cost = O.coupling_cost(x0, x1)
+    big = O.coupling_cost(torch.randn(256, 128), torch.randn(256, 128))  # 2^23 > the limit
+    monkeypatch.undo()
+    assert seen == [1, 2]
+    assert torch.get_num_threads() == 2
+    ref = -2 * x0.reshape(128, -1).double() @ x1.reshape(128, -1).double().T
+    assert (cost.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert big.shape == (256, 256)

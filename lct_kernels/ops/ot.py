@@ -196,29 +196,62 @@ def ot_assign(cost, backend=None, return_duals=False):
     return (x, u, v) if batched else (x[0], u[0], v[0])
 
 
+# Multiply-adds up to which the CPU cost GEMM runs on the calling thread (about
+# 1 ms of serial work).  torch's GEMM forks for any size, and a forked region
+# whose second thread is not running (another process holds the core) waits for
+# a time slice: at N = 128, D = 32 the GEMM took 40 us alone but 20 ms at the
+# 90th percentile beside one busy process, against 0.2 ms on one thread.
+SERIAL_GEMM_MAX = 1 << 22
+
+
+def _gemm_nt(a, b):
+    """a @ b.T, on the calling thread when it is a small CPU product."""
+    small = a.shape[0] * b.shape[0] * a.shape[1] <= SERIAL_GEMM_MAX
+    threads = torch.get_num_threads() if small and a.device.type == "cpu" else 1
+    if threads == 1 or torch.compiler.is_compiling():
+        return a @ b.T
+    # torch's thread count is process-wide: another Python thread running torch
+    # ops during these few microseconds runs them on one thread too.
+    torch.set_num_threads(1)
+    try:
+        return a @ b.T
+    finally:
+        torch.set_num_threads(threads)
+
+
 def coupling_cost(x0, x1):
     """The (B, B) cost -2 x0 x1^T in float32 with IEEE float32 products (no TF32 or
     reduced-precision GEMM), x0 and x1 flattened per sample.  It differs from the
-    squared Euclidean distance by per-row and per-column constants only."""
+    squared Euclidean distance by per-row and per-column constants only.  A small
+    CPU product (B0 B1 D <= SERIAL_GEMM_MAX) runs on the calling thread."""
     a = x0.reshape(x0.shape[0], -1).to(torch.float32)
     b = x1.reshape(x1.shape[0], -1).to(torch.float32)
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        return (a @ b.T).mul_(-2.0)
+        return _gemm_nt(a, b).mul_(-2.0)
     finally:
         torch.set_float32_matmul_precision(prev)
 
 
-def ot_couple(x0, x1, groups=None, backend=None):
+def ot_couple(x0, x1, groups=None, backend=None, *, return_status=False):
     """Exact minibatch OT coupling under squared Euclidean cost.
 
     Args:
         x0, x1: (B, ...) tensors on one device with the same per-sample size.
         groups: optional int tensor (B,): one coupling per group (e.g. class
             labels): x0[i] is only paired with an x1[j] of the same group.  All
-            groups are solved in one batched call.
+            groups are solved in one batched call.  It may live on x0's device or
+            on the CPU; on the CPU (labels the host already has) the padded batch
+            is sized without reading the device.
         backend: None (automatic), "cuda", "triton", "cpu" or "torch".
+        return_status: False (default): a failed solve (NaN or -inf cost, no
+            feasible pairing) raises ValueError, which reads the solver's status
+            from the device (one sync on a GPU).  True: no check and no sync;
+            returns (perm, status) with status an int32 tensor on the device, one
+            code per solved problem (0 = optimal; the codes of
+            ``ops.ot.STATUS_MESSAGES``), for callers that check it later (the
+            trainer does at its logging steps).  A failed problem's rows get -1.
 
     Returns:
         perm: int64 (B,) on the inputs' device, such that (x0[i], x1[perm[i]]) is
@@ -243,34 +276,50 @@ def ot_couple(x0, x1, groups=None, backend=None):
     cost = coupling_cost(x0, x1)
     if groups is None:
         x, _, _, status = _solve(cost.unsqueeze(0).contiguous(), None, backend, fn)
+        if return_status:
+            return x[0], status
         _raise_on_status(fn, status, False, "coupling cost")
         return x[0]
     if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
         raise TypeError(f"{fn}: groups must be an integer tensor of shape ({B},)")
     if groups.shape != (B,):
         raise ValueError(f"{fn}: groups must have shape ({B},), got {tuple(groups.shape)}")
-    V.same_device(fn, "x0", x0, "groups", groups)
-    return _couple_groups(fn, cost, groups, backend)
+    if groups.device.type != "cpu":
+        V.same_device(fn, "x0", x0, "groups", groups)
+    return _couple_groups(fn, cost, groups, backend, return_status)
 
 
-def _couple_groups(fn, cost, groups, backend):
-    """Pad every group's block of the cost into one (G, K, K) batch and solve it."""
+def _couple_groups(fn, cost, groups, backend, return_status=False):
+    """Pad every group's block of the cost into one (G, K, K) batch and solve it.
+
+    The group structure (unique labels, sizes, members) is computed where
+    ``groups`` lives: its sizes fix the padded shape, so on a GPU a device-resident
+    ``groups`` costs one sync, host labels none."""
     dev = cost.device
     labels, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     G, K = labels.numel(), int(counts.max())
     order = torch.argsort(inverse, stable=True)  # samples sorted by group
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(cost.shape[0], device=dev) - starts[inverse[order]]  # rank inside the group
-    members = torch.full((G, K), -1, dtype=torch.int64, device=dev)
+    pos = torch.arange(groups.shape[0], device=groups.device) - starts[inverse[order]]  # rank in group
+    members = torch.full((G, K), -1, dtype=torch.int64, device=groups.device)
     members[inverse[order], pos] = order
+    if members.device != dev:  # host labels: one asynchronous copy to the device
+        counts = counts.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else counts.to(dev)
+        members = members.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else members.to(dev)
     valid = members >= 0
     idx = members.clamp_min(0)
     block = cost[idx[:, :, None], idx[:, None, :]]  # (G, K, K)
     block = torch.where(valid[:, :, None] & valid[:, None, :], block, torch.zeros((), device=dev))
     sizes = torch.stack([counts, counts], dim=1).to(torch.int64)
     x, _, _, status = _solve(block.contiguous(), sizes, backend, fn)
-    _raise_on_status(fn, status, True, "a group's coupling cost")
-    perm = torch.empty(cost.shape[0], dtype=torch.int64, device=dev)
-    rows = members[valid]
-    perm[rows] = torch.gather(members, 1, x.clamp_min(0))[valid]
-    return perm
+    if not return_status:
+        _raise_on_status(fn, status, True, "a group's coupling cost")
+    # rows of a failed problem get -1 (their x is -1), never a wrong partner
+    partner = torch.where(x >= 0, torch.gather(members, 1, x.clamp_min(0)), -1)
+    # scatter through a spill slot (index B) instead of boolean indexing, whose
+    # data-dependent size would read the device
+    B = cost.shape[0]
+    perm = torch.empty(B + 1, dtype=torch.int64, device=dev)
+    perm[torch.where(valid, members, B).reshape(-1)] = partner.reshape(-1)
+    perm = perm[:B]
+    return (perm, status) if return_status else perm
