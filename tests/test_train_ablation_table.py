@@ -80,3 +80,19 @@ def test_from_json_rewrites_the_report(tmp_path):
     assert ablate_main(["--from-json", str(path), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "ablation.md").read_text().count("\n| ") >= 6
     assert (tmp_path / "o" / "ablation.png").stat().st_size > 1000
+
+
+def test_merge_reports_of_seeds_run_side_by_side(tmp_path):
+    report, _ = _report()
+    a = {**report, "rows": [r for r in report["rows"] if r["seed"] < 2]}
+    b = {**report, "rows": [r for r in report["rows"] if r["seed"] == 2], "seconds": 99.0}
+    merged = A.merge_reports([a, b])
+    assert merged["seeds"] == 3 and merged["seconds"] == 99.0 and merged["processes"] == 2
+    assert A.summarise(merged)["cauchy"]["delta"] == A.summarise(report)["cauchy"]["delta"]
+    with pytest.raises(ValueError, match="merge_reports"):
+        A.merge_reports([a, a])
+    for i, part in enumerate((a, b)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(part))
+    assert ablate_main(["--from-json", str(tmp_path / "0.json"), str(tmp_path / "1.json"),
+                        "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "ablation.json").read_text())["seeds"] == 3

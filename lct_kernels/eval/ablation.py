@@ -72,9 +72,9 @@ def variant_config(overrides, budget, seed, extra=()):
 
 
 def run_ablation(budget, seeds, out_dir, extra=(), n_eval=1000, progress=True, only=None,
-                 command=""):
+                 command="", first_seed=0):
     """Trains every variant (or the keys in ``only``) for ``budget`` steps with each seed in
-    ``range(seeds)``; returns {"rows": [{"variant", "key", "seed", "1": {...}, "2": {...},
+    ``range(first_seed, first_seed + seeds)``; returns {"rows": [{"variant", "key", "seed", "1": {...}, "2": {...},
     "stages": [...]}, ...], ...} and writes it to ``out_dir/ablation.json``."""
     from tqdm.auto import tqdm
 
@@ -94,7 +94,7 @@ def run_ablation(budget, seeds, out_dir, extra=(), n_eval=1000, progress=True, o
     started, load0 = time.time(), os.getloadavg()
     loads = []
     # seed-major: a run stopped early still holds complete pairs for its first seeds
-    jobs = [(v, seed) for seed in range(seeds) for v in variants]
+    jobs = [(v, seed) for seed in range(first_seed, first_seed + seeds) for v in variants]
     for (key, name, _, overrides), seed in tqdm(jobs, desc="lct-ablate", disable=not progress):
         cfg = variant_config(overrides, budget, seed, extra)
         slug = f"{[v[0] for v in VARIANTS].index(key):02d}-{key}-seed{seed}"
@@ -120,6 +120,26 @@ def run_ablation(budget, seeds, out_dir, extra=(), n_eval=1000, progress=True, o
                   "rows": rows}
         (out / "ablation.json").write_text(json.dumps(report, indent=2))  # after every run
     return report
+
+
+def merge_reports(reports):
+    """One report from several runs of the same ablation with different seeds (e.g. run
+    side by side with --first-seed): rows concatenated, budgets must agree."""
+    if not reports:
+        raise ValueError("merge_reports: no reports")
+    first = dict(reports[0])
+    for r in reports[1:]:
+        if (r["budget"], r["n_eval"], r.get("extra")) != (first["budget"], first["n_eval"],
+                                                          first.get("extra")):
+            raise ValueError("merge_reports: the reports differ in budget, n_eval or overrides")
+    rows = [row for r in reports for row in r["rows"]]
+    keys = {(row["key"], row["seed"]) for row in rows}
+    if len(keys) != len(rows):
+        raise ValueError("merge_reports: the same (row, seed) appears twice")
+    first.update(rows=rows, seeds=len({row["seed"] for row in rows}),
+                 seconds=max(r["seconds"] for r in reports), processes=len(reports),
+                 loadavg_mean=statistics.fmean(r.get("loadavg_mean", float("nan")) for r in reports))
+    return first
 
 
 def _mean_sd(values):
@@ -174,7 +194,8 @@ def markdown_table(report, command):
              f"Budget {report['budget']} steps per run, {report['seeds']} seed(s), "
              f"{report['n_eval']} samples per metric; held-out digits; digit classifier "
              f"held-out accuracy {report['classifier_test_accuracy']:.4f}; "
-             f"{report['seconds'] / 60:.1f} min in all on {report.get('cpus', '?')} CPUs "
+             f"{report['seconds'] / 60:.1f} min in all ({report.get('processes', 1)} process(es) "
+             f"side by side) on {report.get('cpus', '?')} CPUs "
              f"(1-min load average {report.get('loadavg_start', float('nan')):.1f} at the start, "
              f"{report.get('loadavg_mean', float('nan')):.1f} on average after each run).", "",
              "Absolute values (mean ± std over seeds):", "",

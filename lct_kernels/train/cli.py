@@ -310,9 +310,11 @@ def ablate_parser():
     p.add_argument("--seeds", type=int, default=2, help="seeds per variant (default 2)")
     p.add_argument("--out", default="runs/ablation", help="output folder")
     p.add_argument("--n", type=int, default=1000, help="generated samples per metric")
-    p.add_argument("--from-json", metavar="FILE",
-                   help="no training: rewrite ablation.md/.png in --out from an ablation.json "
-                        "(also a partial one: it is rewritten after every run)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (to run seeds side by side)")
+    p.add_argument("--from-json", metavar="FILE", nargs="+",
+                   help="no training: write ablation.md/.png in --out from ablation.json files "
+                        "(merged; also partial ones: each is rewritten after every run)")
     p.add_argument("--only", nargs="+", metavar="ROW",
                    help="run only these rows (keys: ict cauchy diff ot c_paper c_anchored "
                         "c_measured nsln), e.g. to time one row")
@@ -329,11 +331,14 @@ def ablate_main(argv=None):
     command = "lct-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     if args.from_json:
+        from ..eval.ablation import merge_reports
+
         try:
-            report = json.loads(Path(args.from_json).read_text())
+            report = merge_reports([json.loads(Path(f).read_text()) for f in args.from_json])
         except (OSError, ValueError) as exc:
-            parser.error(f"--from-json: cannot read {args.from_json}: {exc}")
+            parser.error(f"--from-json: {exc}")
         out.mkdir(parents=True, exist_ok=True)
+        (out / "ablation.json").write_text(json.dumps(report, indent=2))
         command = report.get("command", command)
         (out / "ablation.md").write_text(markdown_table(report, command))
         bar_plot(report, out / "ablation.png")
@@ -355,7 +360,7 @@ def ablate_main(argv=None):
     if args.only and set(args.only) - set(keys):
         parser.error(f"--only: unknown rows {sorted(set(args.only) - set(keys))}; rows are {keys}")
     report = run_ablation(args.budget, args.seeds, out, extra=args.overrides, n_eval=args.n,
-                          only=args.only, command=command)
+                          only=args.only, command=command, first_seed=args.first_seed)
     (out / "ablation.md").write_text(markdown_table(report, command))
     bar_plot(report, out / "ablation.png")
     print(markdown_table(report, command))
