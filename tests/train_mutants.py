@@ -1,0 +1,112 @@
+"""Hand mutants of the trainer's formulas (tests/README.md, "Mutants tried").
+
+    python tests/train_mutants.py [NAME-SUBSTRING ...]
+
+Copies lct_kernels/ and tests/ to a temporary folder, applies each mutant there (one
+exact text replacement), runs the formula tests that should catch it with ``-x`` against
+that copy (PYTHONPATH), and prints CAUGHT (with the first failing test) or SURVIVED.  The
+checkout itself is never modified.  A mutant whose text is no longer in the source
+prints NOT APPLIED: update its text when the code moves.  About 10-15 minutes on 2 cores.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(tempfile.mkdtemp(prefix="lct-mutants-"))
+shutil.copytree(REPO / "lct_kernels", ROOT / "lct_kernels")
+shutil.copytree(REPO / "tests", ROOT / "tests")
+T = "tests/test_train_formulas.py"
+S = "tests/test_train_formulas_step.py"
+M = [
+ ("reuse z in the 2-step sampler", "train/sampling.py",
+  "z2 = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)", "z2 = z", [T]),
+ ("EMA: decay and 1 - decay swapped", "train/loop.py",
+  "torch._foreach_lerp_(ema_params, params, 1.0 - decay)", "torch._foreach_lerp_(ema_params, params, decay)", [T]),
+ ("EMA warm-up (1+k)/(10+k) -> k/(10+k)", "train/loop.py",
+  "(1 + step) / (10 + step)", "(step) / (10 + step)", [T]),
+ ("teacher from the EMA model", "train/loop.py",
+  "teacher_net=self.model,", "teacher_net=self.ema,", [T, S]),
+ ("teacher with gradient (no no_grad)", "train/objective.py",
+  "    with torch.no_grad():\n        teacher = run(", "    if True:\n        teacher = run(", [T]),
+ ("teacher and student with separate dropout RNG", "train/objective.py",
+  "            torch.manual_seed(dropout_seed)\n", "            pass\n", [T]),
+ ("teacher and student draw dropout in sequence (no shared RNG fork)", "train/objective.py",
+  "        with torch.random.fork_rng(devices=[data.device] if data.device.type == \"cuda\" else []):\n            torch.manual_seed(dropout_seed)\n",
+  "        if True:\n", [T]),
+ ("teacher at sigma_i instead of sigma_{i+1} noise level (x_t2 = x_t)", "train/objective.py",
+  "    x_t2 = data + t2.view(shape).to(data.dtype) * noise", "    x_t2 = data + t.view(shape).to(data.dtype) * noise", [T]),
+ ("pos-embed halves swapped (row first)", "train/model.py",
+  "return torch.cat([encode(cols), encode(rows)], dim=1).float()", "return torch.cat([encode(rows), encode(cols)], dim=1).float()", [T]),
+ ("pos-embed [cos | sin] per half", "train/model.py",
+  "        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)", "        return torch.cat([torch.cos(a), torch.sin(a)], dim=1)", [T]),
+ ("unpatchify grid axes scrambled", "train/model.py",
+  "h.permute(0, 5, 1, 3, 2, 4)", "h.permute(0, 5, 2, 3, 1, 4)", [T]),
+ ("unpatchify channel-first patch layout", "train/model.py",
+  "h = h.reshape(B, g, g, p, p, C)\n        return h.permute(0, 5, 1, 3, 2, 4)", "h = h.reshape(B, g, g, C, p, p)\n        return h.permute(0, 3, 1, 4, 2, 5)", [T]),
+ ("adaLN chunk order: shift and scale swapped", "train/model.py",
+  "shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, 1)",
+  "scale_a, shift_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, 1)", [T]),
+ ("adaLN chunk order: attention and MLP groups swapped", "train/model.py",
+  "shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, 1)",
+  "shift_m, scale_m, gate_m, shift_a, scale_a, gate_a = self.adaLN_modulation(c).chunk(6, 1)", [T]),
+ ("final layer: shift and scale swapped", "train/model.py",
+  "        shift, scale = self.adaLN_modulation(c).chunk(2, 1)", "        scale, shift = self.adaLN_modulation(c).chunk(2, 1)", [T]),
+ ("time features [sin | cos]", "train/model.py",
+  "return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)", "return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)", [T]),
+ ("adaptive c exponent -1.15 -> -1.1", "train/objective.py",
+  "math.exp(-1.15 * math.log(intervals) - 0.85)", "math.exp(-1.1 * math.log(intervals) - 0.85)", [T]),
+ ("c1 kept one stage less (s < s0)", "train/objective.py",
+  "if not adaptive or intervals <= s0:", "if not adaptive or intervals < s0:", [T]),
+ ("sum convention without the 1/sqrt(D)", "train/objective.py",
+  "        return root, (root if loss == \"pseudo_huber\" else 1.0)", "        return 1.0, (root if loss == \"pseudo_huber\" else 1.0)", [T]),
+ ("curriculum: one stage more", "train/objective.py",
+  "(math.log2(math.floor(s1 / s0)) + 1)", "(math.log2(math.floor(s1 / s0)) + 2)", [T]),
+ ("consistency weight 1/(sigma_i - sigma_{i+1}) -> 1/sigma_i", "train/objective.py",
+  "return 1.0 / (sigmas[indices] - sigmas[indices + 1])", "return 1.0 / sigmas[indices]", [T, S]),
+ ("diffusion mask on the large-sigma side", "train/objective.py",
+  "return indices >= int(math.floor(fraction * n_points))", "return indices < int(math.floor((1 - fraction) * n_points))", [S]),
+ ("diffusion mask >= -> >", "train/objective.py",
+  "return indices >= int(math.floor(fraction * n_points))", "return indices > int(math.floor(fraction * n_points))", [S]),
+ ("EDM weight without 1/sigma_d^2", "train/objective.py",
+  "return 1.0 / sigma**2 + 1.0 / sigma_data**2", "return 1.0 / sigma**2", [S]),
+ ("c_skip without the sigma_min offset", "train/objective.py",
+  "c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)", "c_skip = sigma_data**2 / (sigma ** 2 + sigma_data**2)", [T, S]),
+ ("OT across classes (groups dropped)", "train/objective.py",
+  "out = lk.ot_couple(data, noise, groups=groups, backend=backend", "out = lk.ot_couple(data, noise, groups=None, backend=backend", [S]),
+ ("OT permutation applied to the data instead of the noise", "train/objective.py",
+  "paired = data, noise[perm], labels", "paired = data[perm], noise, (labels[perm] if labels is not None else None)", [S]),
+ ("diffusion coefficient ignored", "train/loop.py",
+  "diffusion=o.diffusion_loss, diff_coef=diff_coef,", "diffusion=o.diffusion_loss, diff_coef=1.0,", [S]),
+]
+only = sys.argv[1:]
+results = []
+env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+for name, rel, old, new, tests in M:
+    if only and not any(o in name for o in only):
+        continue
+    path = ROOT / "lct_kernels" / rel
+    src = path.read_text()
+    n = src.count(old)
+    if n != 1:
+        results.append((name, f"NOT APPLIED (found {n}x)", ""))
+        print(results[-1], flush=True)
+        continue
+    path.write_text(src.replace(old, new))
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", *tests, "-x", "-q",
+                            "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+        failed = [l for l in r.stdout.splitlines() if l.startswith("FAILED")]
+        status = "CAUGHT" if r.returncode != 0 else "SURVIVED"
+        results.append((name, status, failed[0].split(" - ")[0][7:] if failed else r.stdout.splitlines()[-1]))
+    finally:
+        path.write_text(src)
+    print(results[-1], flush=True)
+shutil.rmtree(ROOT, ignore_errors=True)
+survived = [r for r in results if r[1] != "CAUGHT"]
+print(f"{len(results) - len(survived)} of {len(results)} mutants caught")
+sys.exit(1 if survived else 0)
