@@ -117,6 +117,7 @@ class RunConfig:
     sigma_mid: float = 0.0          # 2-step sampler; 0 -> the paper code's default
     progress: bool = True
     tensorboard: bool = True        # log to TensorBoard too, if it is installed
+    compile: bool = False           # torch.compile(fullgraph=True) the model (our ops inside)
 
 
 @dataclass

@@ -87,18 +87,6 @@ def global_ot_pair(data_local, noise_local, labels_local=None, backend=None):
     return share(noise[perm], rank, size)
 
 
-def reduce_step(loss, stop):
-    """(global mean loss, any process asked to stop) in one all-reduce."""
-    rank, size = world()
-    if size == 1:
-        return loss, stop
-    t = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t[0]) / size, bool(t[1] > 0)
-
-
 def diffusion_coefficient(diff_coef, local_mask, global_mask, size):
     """Per-process diffusion coefficient so that the data-parallel average equals the
     diffusion loss averaged over the selected samples of the GLOBAL batch.
@@ -112,3 +100,35 @@ def diffusion_coefficient(diff_coef, local_mask, global_mask, size):
     if n_global == 0:
         return diff_coef
     return diff_coef * size * n_local / n_global
+
+
+def any_process(flag):
+    """0-d bool tensor: ``flag`` (0-d bool, on the training device) on any process.
+    One all-reduce on the device; the host never reads it."""
+    if world()[1] == 1:
+        return flag
+    t = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0] > 0
+
+
+def any_process_host(flag):
+    """A host bool true on any process (logging steps only: it waits for the device)."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] > 0)
+
+
+def mean_over_processes(value):
+    """The mean of a host float over the processes (logging steps only)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t[0]) / world()[1]

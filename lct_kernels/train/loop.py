@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, list_checkpoints, resolve_resume, save_
 from .latent_report import format_outlier_report, outlier_stats
 from .checkpoint import checkpoint_path as checkpoint_name
 from .config import from_dict, resolve_total_steps, save_config
+from .device_step import GuardedUpdate, MetricWindow, OTTimer, nonfinite_grads
 from .pipeline import build_model, make_decoder, prepare_data
 from .plots import plot_metrics, save_image_grid
 from .sampling import default_sigma_mid, sample
@@ -147,10 +148,23 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         o = cfg.optim
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        # capturable: RAdam keeps its step count on the GPU, so its update never reads
+        # the device from the host (and the skip guard can restore it on the device)
         self.optimizer = torch.optim.RAdam(
-            [p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-            weight_decay=o.weight_decay, eps=o.eps,
+            self._params, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps,
+            capturable=self.device.type == "cuda",
         )
+        self._guard = GuardedUpdate(self.optimizer, self._params, list(self.ema.parameters()))
+        # run.compile: one compiled module serves student and teacher (a training graph and
+        # a no_grad graph, compiled at the first step); c and N never enter the model, so
+        # a curriculum stage change does not retrace it.
+        self.compiled = None
+        if r.compile:
+            if self.world > 1:
+                raise ValueError("run.compile: not supported under torchrun yet (compile runs on "
+                                 "one process); set run.compile=false")
+            self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False)
         self.latents = self.data.latents.to(self.device)
         self.labels = None if self.data.labels is None else self.data.labels.to(self.device)
         self.dim = self.latents[0].numel()
@@ -162,6 +176,10 @@ class Trainer:
         self._grids = {}
         if state is not None:
             self._load_state(state)
+        # loss, cm loss, diffusion loss, grad-norm sum, grad-norm count
+        self._window = MetricWindow(5, self.device, consecutive=self.consecutive_nonfinite)
+        self._ot_timer = OTTimer(self.device)
+        self._ot_failed = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def _clear_outputs(self):
         import shutil
@@ -195,8 +213,7 @@ class Trainer:
             "curriculum": {"intervals": self.intervals(self.step), "c": self.robust_c(self.step),
                            "measured": dict(self._measured), "stage_log": list(self.stage_log),
                            "pending_m": [m.cpu() for m in self._pending_m]},
-            "counters": {"skipped_total": self.skipped_total,
-                         "consecutive_nonfinite": self.consecutive_nonfinite},
+            "counters": self._counters(),
             "latent_stats": self.data.stats.state_dict(),
             "latent_shape": list(self.data.latent_shape),
             "num_classes": self.data.num_classes,
@@ -226,6 +243,17 @@ class Trainer:
                   file=sys.stderr)
         self.skipped_total = int(state["counters"]["skipped_total"])
         self.consecutive_nonfinite = int(state["counters"]["consecutive_nonfinite"])
+
+    def _counters(self):
+        """Skip counters including the steps not yet fetched from the device."""
+        skipped, run, _ = self._window.peek()
+        return {"skipped_total": self.skipped_total + skipped, "consecutive_nonfinite": run}
+
+    def check_divergence(self):
+        """At a checkpoint step: stop a diverged run before it saves (one host read)."""
+        _, _, longest = self._window.peek()
+        if longest >= self.cfg.run.max_nonfinite:
+            self.fetch_metrics()  # updates the counters and raises
 
     def save(self):
         """Process 0 writes the checkpoint (all processes hold identical weights)."""
@@ -326,7 +354,8 @@ class Trainer:
         any number of processes; each process takes its contiguous share."""
         cfg, o = self.cfg, self.cfg.objective
         share = lambda t: ddp_lib.share(t, self.rank, self.world)  # noqa: E731
-        idx = self.batch_indices(step).to(self.device)
+        idx_host = self.batch_indices(step)
+        idx = self._to_device(idx_host)
         B = idx.shape[0]
         g_dev = torch.Generator(device=self.device).manual_seed(_seed_for(cfg.run.seed, step, 2))
         noise = share(torch.randn((B,) + self.data.latent_shape, generator=g_dev,
@@ -336,19 +365,34 @@ class Trainer:
         y = None if self.labels is None else self.labels[idx]
         ot_ms = 0.0
         if o.ot:
-            t0 = time.perf_counter()
+            timer = self._ot_timer.start()
             if cfg.ot.scope == "global":
                 noise = ddp_lib.global_ot_pair(x, noise, y, backend=self.backend)
             else:
-                x, noise, y = obj.ot_pair(x, noise, y, backend=self.backend)
-            ot_ms = (time.perf_counter() - t0) * 1e3
+                host_y = None if y is None else self.data.labels[share(idx_host)]
+                x, noise, y, status = obj.ot_pair(x, noise, y, backend=self.backend,
+                                                  host_labels=host_y, return_status=True)
+                self._ot_failed = self._ot_failed | (status != 0).any()  # checked when fetched
+            ot_ms = timer.stop()
         sigmas, probs = self.grid(self.intervals(step) + 1)
         g_cpu = torch.Generator().manual_seed(_seed_for(cfg.run.seed, step, 3))
-        global_indices = obj.sample_indices(probs, B, generator=g_cpu, device=self.device)
-        return x, noise, y, share(global_indices), sigmas, ot_ms, global_indices
+        # drawn on the host (its counts feed the DDP diffusion coefficient without a
+        # device read), then copied without waiting for the device
+        global_indices = obj.sample_indices(probs, B, generator=g_cpu)
+        local = self._to_device(share(global_indices))
+        return x, noise, y, local, sigmas, ot_ms, global_indices
 
-    def train_step(self):
-        """One optimisation step; returns a dict of the step's metrics."""
+    def _to_device(self, t):
+        """A host tensor on the training device, without a host-device sync on CUDA."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def train_step(self, fetch=True):
+        """One optimisation step.  Returns a dict of the step's metrics; with
+        ``fetch=False`` (the loop, between logging steps) only the host-side ones (c, N,
+        lr, ot_ms): the device-side ones stay summed on the device for
+        ``fetch_metrics``, so the step never waits for the device."""
         cfg, o = self.cfg, self.cfg.objective
         step = self.step
         if self.intervals(step) != self._announced_s:  # a new stage: say which c it trains with
@@ -366,8 +410,9 @@ class Trainer:
         diff_coef = o.diff_coef
         if o.diffusion_loss and self.world > 1:  # average over the global batch's selected samples
             n_points = sigmas.numel()
+            share = ddp_lib.share(global_indices, self.rank, self.world)  # host copies
             diff_coef = ddp_lib.diffusion_coefficient(
-                o.diff_coef, obj.diffusion_mask(indices, n_points, o.diff_fraction),
+                o.diff_coef, obj.diffusion_mask(share, n_points, o.diff_fraction),
                 obj.diffusion_mask(global_indices, n_points, o.diff_fraction), self.world)
         _, weight_mult = obj.convention_scale(o.loss, o.c_convention, self.dim)
         for group in self.optimizer.param_groups:
@@ -375,47 +420,75 @@ class Trainer:
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             total, cm, diff, _, *residual = obj.consistency_losses(
-                self.ddp, x, noise, y, indices, sigmas, loss=o.loss, c=c, teacher_net=self.model,
+                self.ddp if self.compiled is None else self.compiled, x, noise, y, indices, sigmas,
+                loss=o.loss, c=c, teacher_net=self.model if self.compiled is None else self.compiled,
                 diffusion=o.diffusion_loss, diff_coef=diff_coef, diff_fraction=o.diff_fraction,
                 weight_multiplier=weight_mult, sigma_min=o.sigma_min, sigma_data=o.sigma_data,
                 dropout_seed=(_seed_for(cfg.run.seed, step, 4) if cfg.model.dropout > 0 else None),
                 backend=self.backend, return_residual=measuring,
             )
         self.optimizer.zero_grad(set_to_none=True)
-        # one all-reduce: the global loss (every process takes the same skip decision)
-        # and whether any process was asked to stop
-        loss, self._stop_all = ddp_lib.reduce_step(float(total.detach()), self._stop_signal is not None)
-        grad_norm = float("nan")
-        ok = math.isfinite(loss)
-        if ok:
-            total.backward()
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            ok = math.isfinite(grad_norm)
-        if ok:
+        # No host read of a device value from here on (see device_step.py): the skip
+        # decision, the metrics and the divergence count stay on the device until the
+        # next logging step.
+        total.backward()
+        params = self._params
+        grads = [p.grad for p in params if p.grad is not None]
+        clip = cfg.optim.grad_clip
+        log_norm = fetch or (self.step + 1) % cfg.run.log_every == 0
+        if clip > 0 or log_norm:  # no grad-norm pass otherwise
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                grads, clip if clip > 0 else float("inf"), foreach=True)
+            found = ~torch.isfinite(grad_norm.to(self.device)) | ~torch.isfinite(total.detach())
+        else:
+            grad_norm = torch.full((), float("nan"), device=self.device)
+            found = nonfinite_grads(grads, self.device) | ~torch.isfinite(total.detach())
+        found = ddp_lib.any_process(found)  # every process takes the same decision
+        if measuring:  # the measured c schedule reads its first batches' residuals (a sync)
+            if not bool(found):
+                self._record_residuals(step, residual[0])
+        if self._guard.ready():
+            self._guard(found, lambda: (self.optimizer.step(), self.update_ema(step)))
+        elif bool(found):  # first update of a run: optimiser state not created yet (one sync)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
             self.optimizer.step()
             self.update_ema(step)
-            self.consecutive_nonfinite = 0
-            if measuring:
-                self._record_residuals(step, residual[0])
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_total += 1
-            self.consecutive_nonfinite += 1
+        has_norm = torch.isfinite(grad_norm).float() if (clip > 0 or log_norm) else grad_norm * 0
+        values = torch.stack([total.detach().float(), cm.detach().float().mean(),
+                              diff.detach().float(), torch.nan_to_num(grad_norm.float(), nan=0.0),
+                              has_norm])
+        self._window.add(found, values)
         self.step += 1
-        if self.consecutive_nonfinite >= cfg.run.max_nonfinite:
+        metrics = {"c": c, "N": self.intervals(step) + 1, "lr": self.lr(step), "ot_ms": ot_ms}
+        if fetch:
+            metrics.update(self.fetch_metrics())
+        return metrics
+
+    def fetch_metrics(self):
+        """One host read of the metrics summed since the last fetch (means over the
+        good steps); updates the skip counters and stops a diverged run."""
+        (loss, cm_loss, diff_loss, norm_sum, norm_count), good, skipped, run, longest = \
+            self._window.fetch()
+        grad_norm = norm_sum / norm_count if norm_count else float("nan")
+        if bool(self._ot_failed):  # read with the metrics: the device has finished anyway
+            raise ValueError(
+                f"lct-train: the exact OT coupling failed at a step before {self.step} (a NaN or "
+                "-inf in the data or the noise); the checkpoint before it is intact")
+        if self.world > 1:
+            loss = ddp_lib.mean_over_processes(loss)
+        self.skipped_total += skipped
+        self.consecutive_nonfinite = run
+        limit = self.cfg.run.max_nonfinite
+        if longest >= limit:
             raise TrainingDiverged(
-                f"stopping: {self.consecutive_nonfinite} consecutive non-finite losses/gradients "
-                f"(run.max_nonfinite={cfg.run.max_nonfinite}) at step {self.step}; the last good "
-                f"checkpoint in {self.ckpt_dir} is intact.  Try a lower optim.lr or "
-                "optim.grad_clip > 0."
+                f"stopping: {longest} consecutive non-finite losses/gradients "
+                f"(run.max_nonfinite={limit}) by step {self.step}; the skipped steps left the "
+                f"weights untouched and the last checkpoint in {self.ckpt_dir} is intact.  Try a "
+                "lower optim.lr or optim.grad_clip > 0."
             )
-        # one device-to-host transfer for both logged terms (this process's share)
-        cm_loss, diff_loss = torch.stack([cm.mean(), diff]).tolist() if ok else (math.nan,) * 2
-        return {"loss": loss if ok else math.nan, "cm_loss": cm_loss, "diff_loss": diff_loss, "c": c,
-                "N": self.intervals(step) + 1, "lr": self.lr(step), "grad_norm": grad_norm,
-                "ot_ms": ot_ms, "skipped": 0 if ok else 1}
+        return {"loss": loss, "cm_loss": cm_loss, "diff_loss": diff_loss, "grad_norm": grad_norm,
+                "good": good, "skipped": skipped}
 
     @torch.no_grad()
     def update_ema(self, step):
@@ -504,11 +577,16 @@ class Trainer:
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         try:
             while self.step < end:
-                metrics = self.train_step()
+                log_now = (self.step + 1) % r.log_every == 0 or self.step + 1 == end
+                metrics = self.train_step(fetch=False)
                 window.append(metrics)
                 bar.update(1)
-                if self.step % r.log_every == 0 or self.step == end:
-                    row = self._summarise(window, time.perf_counter() - t_window)
+                if self.world == 1:
+                    self._stop_all = self._stop_signal is not None
+                if log_now:
+                    row = self._summarise(window, self.fetch_metrics(), time.perf_counter() - t_window)
+                    if self.world > 1:  # every process stops at the same step
+                        self._stop_all = ddp_lib.any_process_host(self._stop_signal is not None)
                     if main and r.eval_every and self.step % r.eval_every == 0:
                         row.update(self.evaluate())
                     if main:
@@ -520,6 +598,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4g}", c=f"{row['c']:.3g}", N=row["N"])
                     window, t_window = [], time.perf_counter()
                 if self.step % r.ckpt_every == 0:
+                    self.check_divergence()
                     self.save()
                     if main:
                         plot_metrics(self.out / "metrics.csv", self.out / "loss.png", EVAL_FIELDS)
@@ -568,19 +647,16 @@ class Trainer:
             self._outliers = outlier_stats(self.data.latents[:4096])
         return self._outliers
 
-    def _summarise(self, window, seconds):
-        good = [m for m in window if not m["skipped"]]
-
-        def mean(key):
-            values = [m[key] for m in good]
-            return sum(values) / len(values) if values else float("nan")
-
+    def _summarise(self, window, fetched, seconds):
+        """One metrics.csv row from the window's host metrics and the fetched device ones
+        (means over the window's good steps; grad_norm over the steps that computed it:
+        every step with clipping on, else the logging step alone)."""
         last = window[-1]
-        row = {"step": self.step, "loss": mean("loss"), "cm_loss": mean("cm_loss"),
-               "diff_loss": mean("diff_loss"), "c": last["c"], "N": last["N"], "lr": last["lr"],
-               "grad_norm": mean("grad_norm"), "steps_per_s": len(window) / max(seconds, 1e-9),
-               "ot_ms": sum(m["ot_ms"] for m in window) / len(window),
-               "skipped": sum(m["skipped"] for m in window)}
+        ot = self._ot_timer.drain() if self._ot_timer.cuda else [m["ot_ms"] for m in window]
+        row = {"step": self.step, "loss": fetched["loss"], "cm_loss": fetched["cm_loss"],
+               "diff_loss": fetched["diff_loss"], "c": last["c"], "N": last["N"], "lr": last["lr"],
+               "grad_norm": fetched["grad_norm"], "steps_per_s": len(window) / max(seconds, 1e-9),
+               "ot_ms": sum(ot) / len(ot) if ot else 0.0, "skipped": fetched["skipped"]}
         self._last = row
         return row
 

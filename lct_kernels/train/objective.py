@@ -198,7 +198,7 @@ def denoise(net, x, sigma, labels=None, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DA
     return f.to(x.dtype)
 
 
-def ot_pair(data, noise, labels=None, backend=None):
+def ot_pair(data, noise, labels=None, backend=None, *, host_labels=None, return_status=False):
     """Exact minibatch OT coupling (squared Euclidean, uniform weights), through ``lk.ot_couple``.
 
     Returns (data, noise[perm], labels): the noise is re-ordered so that
@@ -208,9 +208,17 @@ def ot_pair(data, noise, labels=None, backend=None):
     (``groups=labels``).  A coupling across classes would give each class's data
     the noise that happens to lie near it, so the noise a class sees in training
     would no longer be N(0, I), while sampling draws N(0, I) for every class (on
-    the digits this made FD 2-3x worse)."""
-    perm = lk.ot_couple(data, noise, groups=labels, backend=backend)
-    return data, noise[perm], labels
+    the digits this made FD 2-3x worse).
+
+    ``host_labels``: the same labels on the CPU, if the caller has them (the padded
+    per-class batch is then sized without reading the device).  ``return_status``:
+    also return the solver's device-side status instead of checking it here (see
+    ``lk.ot_couple``)."""
+    groups = labels if host_labels is None or labels is None else host_labels
+    out = lk.ot_couple(data, noise, groups=groups, backend=backend, return_status=return_status)
+    perm, status = out if return_status else (out, None)
+    paired = data, noise[perm], labels
+    return paired + (status,) if return_status else paired
 
 
 def consistency_losses(net, data, noise, labels, indices, sigmas, *, loss, c, diffusion,
