@@ -13,9 +13,15 @@ step except data loading.  The paths, timed side by side in rotating order:
   reference, and torchcfm's ``OTPlanSampler(method="exact")`` (cdist on the
   device, copy to the host, POT's network simplex, ``np.random.choice``), as the
   paper code does;
-* ``eager+compile``: ``eager`` with ``torch.compile`` on the network (``--compile``).
+* ``eager+compile``: ``eager`` with ``torch.compile`` on the network (``--compile``);
+* ``lct+compile``: ``lct`` with ``torch.compile(fullgraph=True)`` on the network, our
+  kernels inside (``--compile``; what ``run.compile=true`` does in the trainer).
 
+Every path ends with the EMA update (``torch._foreach_lerp_``) the trainer makes.
 The OT share is the OT pairing's time over the step's, measured in the same steps.
+``--breakdown`` also times each phase (OT, forward = teacher + student + objective,
+backward, optimizer, EMA) with a device sync between phases: the syncs cost
+overlap on a GPU, so the phases' sum is a little above the step.
 """
 
 import argparse
@@ -37,6 +43,8 @@ from lct_kernels.train.model import build_dit  # noqa: E402
 CONFIGS = {
     "tiny": dict(size="tiny", latent=(2, 4, 4), patch=2, batch=128, classes=10),
     "b2": dict(size="B", latent=(4, 32, 32), patch=2, batch=256, classes=0),
+    # the mid-size model a user with a laptop tries: DiT-S/2 on 4x16x16 latents, batch 64
+    "s2": dict(size="S", latent=(4, 16, 16), patch=2, batch=64, classes=0),
     # b2's code path (unconditional, 4 latent channels) at a size the CPU runs in seconds:
     # gpu_check.sh --dry-run checks the b2 stage's plumbing with it
     "b2-smoke": dict(size="tiny", latent=(4, 8, 8), patch=2, batch=32, classes=0),
@@ -69,9 +77,10 @@ def make_step(path, spec, device, compile_net=False):
         for p in net.parameters():
             if p.requires_grad and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    run_net = torch.compile(net) if compile_net else net
-    opt = torch.optim.RAdam([p for p in net.parameters() if p.requires_grad], lr=1e-4,
-                            weight_decay=1e-4)
+    run_net = torch.compile(net, fullgraph=fused) if compile_net else net
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.RAdam(params, lr=1e-4, weight_decay=1e-4)
+    ema = [p.detach().clone() for p in params]
     # one coupling of the whole batch on both paths (as torchcfm does), so the OT work compares
     pair = (lambda x, n, y: obj.ot_pair(x, n, None)[:2] + (y,)) if fused else torchcfm_pairing()
     if pair is None:
@@ -84,33 +93,54 @@ def make_step(path, spec, device, compile_net=False):
     labels = torch.randint(0, spec["classes"], (B,), device=device) if spec["classes"] else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step():
+    def step(phases=None):
+        """(step seconds, OT seconds); ``phases`` (a dict) also gets each phase's seconds,
+        with a sync between phases."""
         noise = torch.randn_like(data)
         sync()
         t0 = time.perf_counter()
         x, n, y = pair(data, noise, labels)
         sync()
         t_ot = time.perf_counter() - t0
+        marks = [("ot", t0 + t_ot)]
+
+        def mark(name):
+            if phases is not None:
+                sync()
+                marks.append((name, time.perf_counter()))
+
         idx = obj.sample_indices(probs, B, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             total, *_ = obj.consistency_losses(
                 run_net, x, n, y, idx, sigmas, loss="cauchy", c=0.00277, diffusion=True,
                 backend=None if fused else "torch")
+        mark("forward")
         opt.zero_grad(set_to_none=True)
         total.backward()
+        mark("backward")
         opt.step()
+        mark("optimizer")
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1e-4)
         sync()
-        return time.perf_counter() - t0, t_ot
+        t_end = time.perf_counter()
+        if phases is not None:
+            marks.append(("ema", t_end))
+            prev = t0
+            for name, t in marks:
+                phases.setdefault(name, []).append(t - prev)
+                prev = t
+        return t_end - t0, t_ot
 
     return step
 
 
-def run(config, device, rounds, warmup, compile_net):
+def run(config, device, rounds, warmup, compile_net, breakdown=False):
     spec = CONFIGS[config]
-    paths = ["lct", "eager"] + (["eager+compile"] if compile_net else [])
+    paths = ["lct", "eager"] + (["lct+compile", "eager+compile"] if compile_net else [])
     steps = {}
     for p in paths:
-        fn = make_step("lct" if p == "lct" else "eager", spec, device, compile_net=p.endswith("compile"))
+        fn = make_step(p.split("+")[0], spec, device, compile_net=p.endswith("compile"))
         if fn is None:
             print(f"skipping {p}: torchcfm/POT not installed", file=sys.stderr)
             continue
@@ -127,6 +157,12 @@ def run(config, device, rounds, warmup, compile_net):
             ot[p].append(t_ot)
     result = {p: {"step_ms": statistics.median(times[p]) * 1e3,
                   "ot_ms": statistics.median(ot[p]) * 1e3} for p in steps}
+    if breakdown:  # separate rounds: the phase syncs must not touch the step timing
+        for p, fn in steps.items():
+            phases = {}
+            for _ in range(max(rounds // 2, 1)):
+                fn(phases)
+            result[p]["phases_ms"] = {k: statistics.median(v) * 1e3 for k, v in phases.items()}
     return spec, result
 
 
@@ -136,11 +172,14 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile on the eager net")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile on both nets (eager+compile, lct+compile)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each phase (OT, forward, backward, optimizer, EMA)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    spec, result = run(args.config, device, args.rounds, args.warmup, args.compile)
+    spec, result = run(args.config, device, args.rounds, args.warmup, args.compile, args.breakdown)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     C, H, _ = spec["latent"]
     print(f"### Training step: DiT-{spec['size']}/{spec['patch']}, latents {C}x{H}x{H}, batch "
@@ -153,6 +192,16 @@ def main(argv=None):
     for p, r in result.items():
         speed = f"{base / r['step_ms']:.2f}x" if base else "-"
         print(f"| {p} | {r['step_ms']:.2f} | {r['ot_ms']:.2f} | {100 * r['ot_ms'] / r['step_ms']:.1f} % | {speed} |")
+    if "eager+compile" in result and "lct+compile" in result:
+        ratio = result["eager+compile"]["step_ms"] / result["lct+compile"]["step_ms"]
+        print(f"\nlct+compile vs eager+compile: {ratio:.2f}x")
+    if args.breakdown:
+        names = ["ot", "forward", "backward", "optimizer", "ema"]
+        print("\n| path (phases, ms, synced) | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for p, r in result.items():
+            ph = r.get("phases_ms", {})
+            print(f"| {p} | " + " | ".join(f"{ph.get(k, float('nan')):.2f}" for k in names) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device),
                                                "name": name, "result": result}, indent=2))
