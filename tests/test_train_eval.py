@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 
@@ -127,8 +128,9 @@ def test_real_data_route_writes_pngs_and_passes_the_local_weights(trained_run, t
                         types.SimpleNamespace(calculate_metrics=calculate_metrics))
     real = tmp_path / "real"
     real.mkdir()
-    weights = tmp_path / "pt_inception.pth"
-    weights.write_bytes(b"stub")
+    weights = tmp_path / "pt_inception.pth"  # only the two tensors lct-eval checks
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3),
+                "fc.weight": torch.zeros(1008, 2048)}, weights)
     out = tmp_path / "fid"
     assert eval_main(["--ckpt", str(trained_run), "--steps", "1", "--n", "30", "--real", str(real),
                       "--inception-weights", str(weights), "--out", str(out)]) == 0
@@ -136,5 +138,7 @@ def test_real_data_route_writes_pngs_and_passes_the_local_weights(trained_run, t
     assert report["steps"]["1"] == {"fid": 12.5, "precision": 0.5, "recall": 0.25}
     assert calls["feature_extractor_weights_path"] == str(weights)
     assert calls["input2"] == str(real) and calls["fid"] and calls["prc"]
+    # precision/recall on the same Inception features (torch-fidelity's PRC default is VGG16)
+    assert calls["feature_extractor"] == "inception-v3-compat" and calls["samples_find_deep"]
     pngs = sorted((out / "generated_1step").glob("*.png"))
     assert len(pngs) == 30 and calls["input1"] == str(out / "generated_1step")
