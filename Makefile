@@ -137,10 +137,11 @@ integration: $(CUDA_VENV)/.integration-deps
 	cd $(INT_DIR)/src && LCT_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} \
 	  $(INT_PY) -m pip wheel -q --no-build-isolation --no-deps . -w ../dist
 	$(INT_PY) -m pip install -q --no-deps --force-reinstall $(INT_DIR)/dist/lct_kernels-*.whl
-	cd $(INT_DIR) && LCT_REQUIRE_INSTALLED=1 TRITON_INTERPRET=1 $(INT_PY) -m pytest ../tests -q \
-	  -p no:cacheprovider -m "not integration"
-	cd $(INT_DIR) && LCT_REQUIRE_INSTALLED=1 TRITON_INTERPRET=1 $(INT_PY) -m pytest ../tests -q \
-	  -p no:cacheprovider -m integration
+	cd $(INT_DIR) && export LCT_REQUIRE_INSTALLED=1 TRITON_INTERPRET=1; \
+	  $(INT_PY) -m pytest ../tests -q -p no:cacheprovider -m "not integration"; suite=$$?; \
+	  $(INT_PY) -m pytest ../tests -q -p no:cacheprovider -m integration; integ=$$?; \
+	  echo "integration: suite exit $$suite, -m integration exit $$integ"; \
+	  test $$suite -eq 0 && test $$integ -eq 0
 
 # --- GPU check ---------------------------------------------------------------------
 # Benchmark peers the GPU machine lacks (it has numpy, scipy, torch, triton, matplotlib, and
