@@ -151,3 +151,33 @@ def test_metric_window_means_over_good_steps_and_counts_runs_of_skips():
     means, good, skipped, run, longest = w.fetch()
     assert means == [2.0, 20.0] and (good, skipped, run, longest) == (2, 3, 1, 2)
     assert w.fetch()[1:] == (0, 0, 1, 1)  # reset, the current run carried over
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_logged_grad_norm_and_clipping(tmp_path, cache_dir, clip):
+    # grad_norm = ||(grad of every parameter)||_2 before clipping, fetched as the mean over
+    # the steps that computed it (every step with clipping on, else the logging step);
+    # with optim.grad_clip = c > 0 the gradients the optimiser sees have norm <= c.
+    cfg = build_config("demo", overrides=_overrides(cache_dir, **{
+        "optim.grad_clip": clip, "run.log_every": 4}))
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_step(fetch=True)
+    norms = []
+    real_step = trainer.optimizer.step
+
+    def step_and_record(*a, **k):  # the norm of the gradients the update uses
+        norms.append(float(torch.linalg.vector_norm(
+            torch.stack([p.grad.double().norm() for p in trainer._params if p.grad is not None]))))
+        return real_step(*a, **k)
+
+    trainer.optimizer.step = step_and_record
+    for _ in range(3):  # steps 1..3; step 3 is the logging step
+        trainer.train_step(fetch=False)
+    fetched = trainer.fetch_metrics()
+    assert fetched["good"] == 3 and len(norms) == 3
+    assert torch.isfinite(torch.tensor(fetched["grad_norm"])) and fetched["grad_norm"] > 0
+    if clip > 0:
+        assert max(norms) <= clip * (1 + 1e-5), norms
+        assert fetched["grad_norm"] > 10 * clip  # the logged norm is the one before clipping
+    else:
+        assert fetched["grad_norm"] == pytest.approx(norms[-1], rel=1e-5)  # the logging step's

@@ -330,7 +330,9 @@ class Trainer:
         if n_points not in cache:
             o = self.cfg.objective
             sigmas = obj.karras_sigmas(n_points, o.sigma_min, o.sigma_max, o.rho)
-            cache[n_points] = (sigmas.to(self.device), obj.index_probabilities(sigmas, o.p_mean, o.p_std))
+            # pinned + non_blocking: a stage change between logging steps must not sync
+            cache[n_points] = (self._to_device(sigmas),
+                               obj.index_probabilities(sigmas, o.p_mean, o.p_std))
         return cache[n_points]
 
     # ---- one step ---------------------------------------------------------------------
@@ -437,8 +439,11 @@ class Trainer:
         clip = cfg.optim.grad_clip
         log_norm = fetch or (self.step + 1) % cfg.run.log_every == 0
         if clip > 0 or log_norm:  # no grad-norm pass otherwise
+            # the parameters, not their grads: given tensors, clip_grad_norm_ reads their
+            # .grad (None for a grad tensor), so it would clip nothing and return a CPU 0
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                grads, clip if clip > 0 else float("inf"), foreach=True)
+                [p for p in params if p.grad is not None], clip if clip > 0 else float("inf"),
+                foreach=True)
             found = ~torch.isfinite(grad_norm.to(self.device)) | ~torch.isfinite(total.detach())
         else:
             grad_norm = torch.full((), float("nan"), device=self.device)
@@ -454,7 +459,9 @@ class Trainer:
         else:
             self.optimizer.step()
             self.update_ema(step)
-        has_norm = torch.isfinite(grad_norm).float() if (clip > 0 or log_norm) else grad_norm * 0
+        # no norm this step: count 0 (grad_norm * 0 would be NaN * 0 = NaN)
+        has_norm = (torch.isfinite(grad_norm).float() if (clip > 0 or log_norm)
+                    else torch.zeros((), device=self.device))
         values = torch.stack([total.detach().float(), cm.detach().float().mean(),
                               diff.detach().float(), torch.nan_to_num(grad_norm.float(), nan=0.0),
                               has_norm])
