@@ -138,6 +138,7 @@ def merge_reports(reports):
         raise ValueError("merge_reports: the same (row, seed) appears twice")
     first.update(rows=rows, seeds=len({row["seed"] for row in rows}),
                  seconds=max(r["seconds"] for r in reports), processes=len(reports),
+                 seconds_per_report=[r["seconds"] for r in reports],
                  loadavg_mean=statistics.fmean(r.get("loadavg_mean", float("nan")) for r in reports))
     return first
 
@@ -194,8 +195,10 @@ def markdown_table(report, command):
              f"Budget {report['budget']} steps per run, {report['seeds']} seed(s), "
              f"{report['n_eval']} samples per metric; held-out digits; digit classifier "
              f"held-out accuracy {report['classifier_test_accuracy']:.4f}; "
-             f"{report['seconds'] / 60:.1f} min in all ({report.get('processes', 1)} process(es) "
-             f"side by side) on {report.get('cpus', '?')} CPUs "
+             + (f"{report['seconds'] / 60:.1f} min in all" if "seconds_per_report" not in report
+                else f"{len(report['seconds_per_report'])} merged runs of "
+                     + ", ".join(f"{t / 60:.1f}" for t in report["seconds_per_report"]) + " min")
+             + f" on {report.get('cpus', '?')} CPUs "
              f"(1-min load average {report.get('loadavg_start', float('nan')):.1f} at the start, "
              f"{report.get('loadavg_mean', float('nan')):.1f} on average after each run).", "",
              "Absolute values (mean ± std over seeds):", "",
