@@ -248,7 +248,13 @@ def ot_assign(cost, sizes):
         return x, u, v, status
     block, warps = block_config(max(M, 1))
     has_sizes = sizes is not None
+    if has_sizes:  # the kernel reads sizes[b, 0], sizes[b, 1] at 2 b, 2 b + 1 (as the CUDA op)
+        if tuple(sizes.shape) != (B, 2) or sizes.dtype != torch.int64:
+            raise ValueError(f"ot_assign: sizes must be an int64 ({B}, 2) tensor of (rows, "
+                             f"columns), got {sizes.dtype} {tuple(sizes.shape)}")
+        sizes = sizes.to(dev).contiguous()
+    cost = cost.contiguous()  # the kernel indexes b N M + i M + j
     with device_guard(cost):
-        _lap_kernel[(B,)](cost, sizes.to(dev) if has_sizes else status, x, u, v, status, N, M,
+        _lap_kernel[(B,)](cost, sizes if has_sizes else status, x, u, v, status, N, M,
                           HAS_SIZES=has_sizes, BLOCK_M=block, num_warps=warps)
     return x, u, v, status
