@@ -30,6 +30,9 @@ from lct_kernels.train.config import build_config  # noqa: E402
 from lct_kernels.train.pipeline import prepare_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the lct_kernels this process imported (the tree, or an installed
+# wheel under `make integration`), never a tree built for another torch.
+PKG_PARENT = str(Path(sys.modules["lct_kernels"].__file__).resolve().parents[1])
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
@@ -94,7 +97,7 @@ def _overrides(cache_dir, **extra):
 def _torchrun(args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "lct_kernels.train", *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -143,7 +146,7 @@ def test_global_batch_must_divide_among_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "lct_kernels.train", "--out", str(tmp_path / "r"),
            *_overrides(cache, **{"optim.batch_size": 33, "data.ae_steps": 5})]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "optim.batch_size" in proc.stderr and "divisible" in proc.stderr

@@ -24,6 +24,9 @@ from lct_kernels.train.loop import Trainer, TrainingDiverged  # noqa: E402
 from lct_kernels.train.pipeline import prepare_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the lct_kernels this process imported (the tree, or an installed
+# wheel under `make integration`), never a tree built for another torch.
+PKG_PARENT = str(Path(sys.modules["lct_kernels"].__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +110,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, cache_dir):
     prepare_data(build_config("demo", overrides=tiny_overrides(cache_dir)), progress=False)
     cmd = [sys.executable, "-m", "lct_kernels.train", "--out", str(out),
            *tiny_overrides(cache_dir, **{"run.steps": 100000, "run.ckpt_every": 100000})]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
