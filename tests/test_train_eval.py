@@ -86,14 +86,23 @@ def test_fid_on_real_data_never_downloads_and_says_what_to_provide(trained_run, 
 def test_lct_ablate_writes_a_table_and_a_plot(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("LCT_CACHE_DIR", str(cache_dir))
     out = tmp_path / "abl"
-    rc = ablate_main(["--budget", "2", "--seeds", "2", "--n", "20", "--out", str(out),
-                      *tiny(cache_dir, **{"optim.batch_size": 16})])
+    # budget 10: 5 curriculum stages of 2 steps, so the measured-c row measures 1 batch each
+    rc = ablate_main(["--budget", "10", "--seeds", "2", "--n", "20", "--out", str(out),
+                      *tiny(cache_dir, **{"optim.batch_size": 16,
+                                          "objective.c_measure_batches": 1})])
     assert rc == 0
     table = (out / "ablation.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]
+    lines = table.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("| row | seeds")))
+    rows = []  # the absolute-values table: its rows up to the blank line after it
+    for line in lines[first + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
     assert len(rows) == 8
-    assert rows[0].startswith("| iCT baseline") and rows[5].startswith("| + NsLN = sLCT")
-    assert "±" in rows[0] and "lct-ablate --budget 2" in table
+    assert any(line.startswith("| row | parent") for line in lines)  # the paired table
+    assert rows[0].startswith("| iCT baseline") and rows[7].startswith("| + NsLN (on paper c) = sLCT")
+    assert "±" in rows[0] and "lct-ablate --budget 10" in table
     assert (out / "ablation.png").is_file()
     report = json.loads((out / "ablation.json").read_text())
     assert len(report["rows"]) == 16 and {r["seed"] for r in report["rows"]} == {0, 1}
