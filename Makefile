@@ -61,6 +61,7 @@ bench: install peers
 
 $(CUDA_VENV)/bin/python:
 	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 	$(CUDA_VENV)/bin/pip install -q $(foreach r,$(CUDA_TORCH),"$(r)") ninja "numpy<2.4"
 
 cuda-check: $(CUDA_VENV)/bin/python
