@@ -59,9 +59,10 @@ test: install
 bench: install peers
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,rounds
 
+# setuptools: >= 70.1 builds wheels without the wheel package; torch 2.11 requires < 82.
 $(CUDA_VENV)/bin/python:
 	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+	$(CUDA_VENV)/bin/pip install -q --upgrade "pip>=23" "setuptools>=70.1,<82" wheel
 	$(CUDA_VENV)/bin/pip install -q $(foreach r,$(CUDA_TORCH),"$(r)") ninja "numpy<2.4"
 
 cuda-check: $(CUDA_VENV)/bin/python
