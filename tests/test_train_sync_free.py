@@ -45,6 +45,7 @@ def _overrides(cache_dir, **extra):
         "optim.batch_size": 32, "optim.warmup_steps": 0,
         "run.steps": 40, "run.log_every": 10, "run.ckpt_every": 1000, "run.n_samples": 10,
         "run.progress": False, "run.tensorboard": False, "run.device": "cpu",
+        "run.sync_free": "true",  # the CUDA default, here on the CPU
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]

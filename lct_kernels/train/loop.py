@@ -160,6 +160,9 @@ class Trainer:
         # a no_grad graph, compiled at the first step); c and N never enter the model, so
         # a curriculum stage change does not retrace it.
         self.compiled = None
+        if r.sync_free not in ("auto", "true", "false"):
+            raise ValueError(f"run.sync_free: must be auto, true or false, got {r.sync_free!r}")
+        self.sync_free = r.sync_free == "true" or (r.sync_free == "auto" and self.device.type == "cuda")
         if r.compile:
             if self.world > 1:
                 raise ValueError("run.compile: not supported under torchrun yet (compile runs on "
@@ -452,9 +455,10 @@ class Trainer:
         if measuring:  # the measured c schedule reads its first batches' residuals (a sync)
             if not bool(found):
                 self._record_residuals(step, residual[0])
-        if self._guard.ready():
+        if self.sync_free and self._guard.ready():
             self._guard(found, lambda: (self.optimizer.step(), self.update_ema(step)))
-        elif bool(found):  # first update of a run: optimiser state not created yet (one sync)
+        elif bool(found):  # host check: sync_free off (CPU), or the run's first update (no
+            # optimiser state to snapshot yet: one sync)
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
