@@ -14,6 +14,8 @@ passes over those tensors per step (a few ms per step for DiT-B/2 on an H200, ne
 to a step of ~100 ms), and one extra copy of them in memory while it runs.
 """
 
+import time
+
 import torch
 
 
@@ -92,7 +94,6 @@ class MetricWindow:
         self.run = torch.full((), float(self._start_consecutive), dtype=torch.float64,
                               device=self.device)
         self.longest = self.run.clone()
-        self.steps = 0
 
     def add(self, found, values):
         ok = ~found
@@ -101,7 +102,6 @@ class MetricWindow:
         self.skipped += found.to(torch.float64)
         self.run = torch.where(found, self.run + 1, 0.0)
         self.longest = torch.maximum(self.longest, self.run)
-        self.steps += 1
 
     def peek(self):
         """(skipped steps, consecutive skips now, longest run) without resetting: one host
@@ -134,8 +134,6 @@ class OTTimer:
             self._begin = torch.cuda.Event(enable_timing=True)
             self._begin.record()
         else:
-            import time
-
             self._t0 = time.perf_counter()
         return self
 
@@ -146,8 +144,6 @@ class OTTimer:
             end.record()
             self.pending.append((self._begin, end))
             return float("nan")
-        import time
-
         return (time.perf_counter() - self._t0) * 1e3
 
     def drain(self):

@@ -570,7 +570,7 @@ class Trainer:
     def train(self, stop_after=None):
         """Runs until run.steps (or ``stop_after`` more steps, or SIGTERM/SIGINT, which
         save a checkpoint and return).  Returns the summary dict (also summary.json)."""
-        cfg, r = self.cfg, self.cfg.run
+        r = self.cfg.run
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         main = self.is_main
         fh, writer = self._open_metrics() if main else (None, None)
