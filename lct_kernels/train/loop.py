@@ -8,9 +8,7 @@ optimiser state need to be restored.  (The global RNG states are saved too.)
 """
 
 import copy
-import csv
 import json
-import math
 import os
 import signal
 import sys
@@ -27,13 +25,10 @@ from .checkpoint import checkpoint_path as checkpoint_name
 from .config import from_dict, resolve_total_steps, save_config
 from .device_step import GuardedUpdate, MetricWindow, OTTimer, nonfinite_grads
 from .pipeline import build_model, make_decoder, prepare_data
-from .plots import plot_metrics, save_image_grid
-from .sampling import default_sigma_mid, sample
+from .outputs import EVAL_FIELDS, METRIC_FIELDS, RunOutputs  # noqa: F401 (re-exported)
+from .plots import plot_metrics
+from .stage_schedule import StageSchedule
 
-METRIC_FIELDS = ["step", "loss", "cm_loss", "diff_loss", "c", "N", "lr", "grad_norm",
-                 "steps_per_s", "ot_ms", "skipped"]
-EVAL_FIELDS = ["fd_1step", "fd_2step", "precision_1step", "recall_1step", "precision_2step",
-               "recall_2step"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,7 +51,7 @@ def resolve_device(name, local_rank=0):
     return device
 
 
-class Trainer:
+class Trainer(StageSchedule, RunOutputs):
     """One training run in ``out_dir`` (config, checkpoints/, samples/, metrics.csv,
     loss.png, summary.json).  ``resume``: a checkpoint file or folder (or True for
     ``out_dir/checkpoints``).
@@ -184,14 +179,6 @@ class Trainer:
         self._ot_timer = OTTimer(self.device)
         self._ot_failed = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def _clear_outputs(self):
-        import shutil
-
-        for folder in (self.ckpt_dir, self.sample_dir, self.out / "tensorboard"):
-            shutil.rmtree(folder, ignore_errors=True)
-        for name in ("metrics.csv", "loss.png", "summary.json"):
-            (self.out / name).unlink(missing_ok=True)
-
     # ---- config and state -------------------------------------------------------------
     @staticmethod
     def _merge_resumed_config(saved, given):
@@ -263,80 +250,6 @@ class Trainer:
         if not self.is_main:
             return checkpoint_name(self.ckpt_dir, self.step)
         return save_checkpoint(self._state(), self.ckpt_dir, self.step, keep=self.cfg.run.keep_ckpts)
-
-    # ---- schedules (pure functions of the step) ------------------------------------------
-    def intervals(self, step):
-        o = self.cfg.objective
-        return obj.curriculum_intervals(step, self.total_steps, o.s0, o.s1)
-
-    def _measuring(self, step):
-        """Whether step ``step`` is in its stage's c-measurement window (c_schedule=measured)."""
-        o = self.cfg.objective
-        s = self.intervals(step)
-        return o.adaptive_c and o.c_schedule == "measured" and s > o.s0 and s not in self._measured
-
-    def robust_c(self, step):
-        """c in the kernels' per-element-mean units.
-
-        Stage 1's c1 (0.00054 sqrt(D) or objective.c) is read in the c_convention's units
-        (sum: c1 / sqrt(D) per element); the fitted (paper), anchored (c1 (s/s0)^-1.15)
-        and measured c are per-element values already and are not rescaled.  While a
-        stage's c is being measured, the previous stage's c is used."""
-        o = self.cfg.objective
-        divisor, _ = obj.convention_scale(o.loss, o.c_convention, self.dim)
-        base = (o.c if o.c > 0 else 0.00054 * math.sqrt(self.dim)) / divisor
-        s = self.intervals(step)
-        if o.adaptive_c and o.c_schedule == "measured" and s > o.s0:
-            if s not in self._measured:  # measuring: the c of the step before this stage
-                K1 = obj.stage_length(self.total_steps, o.s0, o.s1)
-                return self.robust_c((step // K1) * K1 - 1)
-            return self._measured[s]
-        return obj.cauchy_c(s, o.s0, base_c=base, adaptive=o.adaptive_c, schedule=o.c_schedule)
-
-    def _log_stage(self, step, note=""):
-        """Records (stage_log, summary.json) and prints the c a stage trains with."""
-        o = self.cfg.objective
-        s = self.intervals(step)
-        stage = step // obj.stage_length(self.total_steps, o.s0, o.s1) + 1
-        rule = "constant" if not o.adaptive_c or s <= o.s0 else o.c_schedule
-        entry = {"stage": stage, "s": s, "step": step, "c": self.robust_c(step), "rule": rule}
-        self.stage_log.append(entry)
-        if self.is_main:
-            print(f"lct-train: step {step}: stage {stage} (s={s}, N={s + 1}): c={entry['c']:.5g} "
-                  f"({rule}{note})", file=sys.stderr)
-
-    def _record_residuals(self, step, m):
-        """c_schedule=measured: collect m of the window's batches; set c when it is full."""
-        self._pending_m.append(m.detach())
-        o = self.cfg.objective
-        if len(self._pending_m) < o.c_measure_batches:
-            return
-        local = torch.cat(self._pending_m)
-        everything = ddp_lib.all_gather_batch(local) if self.world > 1 else local
-        s = self.intervals(step)
-        self._measured[s] = obj.measured_c(everything)
-        self._pending_m = []
-        median = float(torch.quantile(everything.double(), 0.5))
-        self._log_stage(step + 1, f": sqrt(median m / 2) over {everything.numel()} samples of "
-                                  f"{o.c_measure_batches} batches, median m = {median:.3g}")
-
-    def lr(self, step):
-        o = self.cfg.optim
-        if o.warmup_steps and step < o.warmup_steps:
-            return o.lr * (step + 1) / o.warmup_steps
-        return o.lr
-
-    def grid(self, n_points):
-        """(Karras sigmas on the device, index probabilities) for N points; changes once
-        per curriculum stage, so it is built once per N."""
-        cache = self.__dict__.setdefault("_grid_cache", {})
-        if n_points not in cache:
-            o = self.cfg.objective
-            sigmas = obj.karras_sigmas(n_points, o.sigma_min, o.sigma_max, o.rho)
-            # pinned + non_blocking: a stage change between logging steps must not sync
-            cache[n_points] = (self._to_device(sigmas),
-                               obj.index_probabilities(sigmas, o.p_mean, o.p_std))
-        return cache[n_points]
 
     # ---- one step ---------------------------------------------------------------------
     def batch_indices(self, step, batch_size=None):
@@ -511,57 +424,9 @@ class Trainer:
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
-    # ---- outputs ------------------------------------------------------------------------
-    def write_samples(self, tag=None):
-        """1- and 2-step sample grids of the EMA model into samples/."""
-        cfg = self.cfg
-        n = cfg.run.n_samples
-        labels = None
-        if self.data.num_classes:
-            labels = torch.arange(n, device=self.device) % self.data.num_classes
-        decode = self._grids.get("decode")
-        if "decode" not in self._grids:
-            decode = self._grids["decode"] = make_decoder(self.data.decoder, self.data.stats,
-                                                          self.device)
-        o = cfg.objective
-        sigma_mid = cfg.run.sigma_mid or default_sigma_mid(o.sigma_min, o.sigma_max, o.rho)
-        paths = {}
-        for steps in (1, 2):
-            g = torch.Generator(device=self.device).manual_seed(cfg.run.seed + 12345)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                x = sample(self.ema, (n,) + self.data.latent_shape, steps, labels, sigma_mid,
-                           generator=g, device=self.device, sigma_min=o.sigma_min,
-                           sigma_max=o.sigma_max, sigma_data=o.sigma_data, rho=o.rho)
-            images = decode(x) if decode is not None else x
-            name = f"step{tag if tag is not None else self.step:08d}_{steps}step.png"
-            paths[steps] = save_image_grid(images, self.sample_dir / name, nrow=10 if labels is not None else None)
-        return paths
-
     def evaluate(self):
         """run.eval_every: the metric columns from ``self.evaluator(self)`` ({} without one)."""
         return {} if self.evaluator is None else dict(self.evaluator(self))
-
-    def _open_metrics(self):
-        path = self.out / "metrics.csv"
-        rows = []
-        if path.exists() and self.step > 0:  # resumed: keep the rows up to the checkpoint
-            with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= self.step]
-        fh = open(path, "w", newline="")
-        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS + EVAL_FIELDS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        fh.flush()
-        return fh, writer
-
-    def _tensorboard(self):
-        if not self.cfg.run.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
 
     # ---- the loop -----------------------------------------------------------------------
     def _handle_signal(self, signum, _frame):
