@@ -96,3 +96,19 @@ def test_merge_reports_of_seeds_run_side_by_side(tmp_path):
     assert ablate_main(["--from-json", str(tmp_path / "0.json"), str(tmp_path / "1.json"),
                         "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "ablation.json").read_text())["seeds"] == 3
+
+
+def test_a_small_real_difference_is_not_printed_as_an_exact_tie():
+    # "0.0 ± 0.0" must mean identical results; a paired ΔFD of 0.004 (the NsLN row's size
+    # at a short budget) is written in e-notation instead of rounding to 0.0
+    report, _ = _report()
+    for row in report["rows"]:
+        if row["key"] == "diff":
+            row["1"]["fd"] = next(r["1"]["fd"] for r in report["rows"]
+                                  if r["key"] == "cauchy" and r["seed"] == row["seed"]) + 0.004 * (row["seed"] + 1)
+    text = A.markdown_table(report, "x")
+    line = next(l for l in text.splitlines() if l.startswith("| + diffusion loss | + Cauchy"))
+    d = [0.004, 0.008, 0.012]
+    assert f"{statistics.fmean(d):.1e} ± {statistics.stdev(d) / math.sqrt(3):.1e}" in line
+    assert "| 0.0 ± 0.0 |" not in line
+    assert A._pm(0.0, 0.0, 1) == "0.0 ± 0.0"

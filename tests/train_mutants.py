@@ -21,6 +21,11 @@ shutil.copytree(REPO / "lct_kernels", ROOT / "lct_kernels")
 shutil.copytree(REPO / "tests", ROOT / "tests")
 T = "tests/test_train_formulas.py"
 S = "tests/test_train_formulas_step.py"
+BUDGET = "tests/test_train_budget.py"
+CSCHED = "tests/test_train_c_schedule.py"
+PREC = "tests/test_train_precision.py"
+NORM = "tests/test_train_norm.py"
+INSPECT = "tests/test_train_inspect.py"
 M = [
  ("reuse z in the 2-step sampler", "train/sampling.py",
   "z2 = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)", "z2 = z", [T]),
@@ -81,6 +86,33 @@ M = [
   "paired = data, noise[perm], labels", "paired = data[perm], noise, (labels[perm] if labels is not None else None)", [S]),
  ("diffusion coefficient ignored", "train/loop.py",
   "diffusion=o.diffusion_loss, diff_coef=diff_coef,", "diffusion=o.diffusion_loss, diff_coef=1.0,", [S]),
+ # issue 13's other formulas: budgets, c schedules, precision, the NsLN variant, lct-inspect
+ ("curriculum K' with log2 rounded down", "train/objective.py",
+  "(math.log2(math.floor(s1 / s0)) + 1)", "(math.floor(math.log2(math.floor(s1 / s0))) + 1)", [BUDGET]),
+ ("epoch budget with a last partial batch (ceil)", "train/config.py",
+  "(n_latents // B) * cfg.optim.epochs", "(-(-n_latents // B)) * cfg.optim.epochs", [BUDGET]),
+ ("CelebA-HQ preset 1400 -> 1200 epochs", "train/config.py",
+  '"slct-celebahq256": {**_TABLE1, "optim.epochs": 1400,', '"slct-celebahq256": {**_TABLE1, "optim.epochs": 1200,', [BUDGET]),
+ ("anchored c exponent -1.15 -> -1", "train/objective.py",
+  "base_c * (intervals / s0) ** -1.15", "base_c * (intervals / s0) ** -1.0", [CSCHED]),
+ ("measured c: kappa 1/sqrt(2) -> 1/2", "train/objective.py",
+  "MEASURED_C_KAPPA = 1.0 / math.sqrt(2.0)", "MEASURED_C_KAPPA = 1.0 / 2.0", [CSCHED]),
+ ("measured c from the mean of m instead of its median", "train/objective.py",
+  "torch.quantile(m, 0.5)", "m.mean()", [CSCHED]),
+ ("network ends (patch embed, final layer) in bf16 under autocast", "train/model.py",
+  "    fp32_ends = True", "    fp32_ends = False", [PREC]),
+ ("c_skip / c_out combination in bf16", "train/objective.py",
+  "wide = torch.promote_types(x.dtype, torch.float32)", "wide = torch.bfloat16", [PREC]),
+ ("qk-norm eps 1e-5 -> 1e-6", "train/model.py",
+  "_QK_EPS = 1e-5", "_QK_EPS = 1e-6", [NORM]),
+ ("eager NsLN with a learnable weight", "train/model.py",
+  "norm.weight.requires_grad_(False)", "norm.weight.requires_grad_(True)", [NORM]),
+ ("block-norm biases on by default", "train/config.py",
+  "norm_bias: bool = False ", "norm_bias: bool = True ", [NORM, BUDGET]),
+ ("kurtosis without the -3 (not excess)", "train/latent_report.py",
+  "/ var.clamp_min(1e-300) ** 2 - 3.0", "/ var.clamp_min(1e-300) ** 2", [INSPECT]),
+ ("z standardised with the sample std (n - 1)", "train/latent_report.py",
+  "std, mean = torch.std_mean(x, dim=0, correction=0)", "std, mean = torch.std_mean(x, dim=0, correction=1)", [INSPECT]),
 ]
 only = sys.argv[1:]
 results = []

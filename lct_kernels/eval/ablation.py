@@ -182,9 +182,14 @@ def summarise(report):
 
 
 def _pm(mean, spread, digits):
+    """``mean ± spread`` with ``digits`` decimals; a non-zero value that would round to 0
+    at that precision (a small but real paired difference) is written in e-notation
+    instead, so that "0.0 ± 0.0" always means an exact tie."""
+    small = mean != 0 and abs(mean) < 0.5 * 10 ** -digits
+    fmt = (lambda v: f"{v:.1e}") if small else (lambda v: f"{v:.{digits}f}")
     if math.isnan(spread):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+        return fmt(mean)
+    return f"{fmt(mean)} ± {fmt(spread)}"
 
 
 def markdown_table(report, command):
