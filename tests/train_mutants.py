@@ -16,9 +16,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOT = Path(tempfile.mkdtemp(prefix="lct-mutants-"))
-shutil.copytree(REPO / "lct_kernels", ROOT / "lct_kernels")
-shutil.copytree(REPO / "tests", ROOT / "tests")
 T = "tests/test_train_formulas.py"
 S = "tests/test_train_formulas_step.py"
 BUDGET = "tests/test_train_budget.py"
@@ -34,7 +31,7 @@ M = [
  ("EMA warm-up (1+k)/(10+k) -> k/(10+k)", "train/loop.py",
   "(1 + step) / (10 + step)", "(step) / (10 + step)", [T]),
  ("teacher from the EMA model", "train/loop.py",
-  "teacher_net=self.model,", "teacher_net=self.ema,", [T, S]),
+  "teacher_net=self.model if self.compiled is None", "teacher_net=self.ema if self.compiled is None", [T, S]),
  ("teacher with gradient (no no_grad)", "train/objective.py",
   "    with torch.no_grad():\n        teacher = run(", "    if True:\n        teacher = run(", [T]),
  ("teacher and student with separate dropout RNG", "train/objective.py",
@@ -114,31 +111,40 @@ M = [
  ("z standardised with the sample std (n - 1)", "train/latent_report.py",
   "std, mean = torch.std_mean(x, dim=0, correction=0)", "std, mean = torch.std_mean(x, dim=0, correction=1)", [INSPECT]),
 ]
-only = sys.argv[1:]
-results = []
-env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
-for name, rel, old, new, tests in M:
-    if only and not any(o in name for o in only):
-        continue
-    path = ROOT / "lct_kernels" / rel
-    src = path.read_text()
-    n = src.count(old)
-    if n != 1:
-        results.append((name, f"NOT APPLIED (found {n}x)", ""))
+
+
+def main(only):
+    ROOT = Path(tempfile.mkdtemp(prefix="lct-mutants-"))
+    shutil.copytree(REPO / "lct_kernels", ROOT / "lct_kernels")
+    shutil.copytree(REPO / "tests", ROOT / "tests")
+    results = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    for name, rel, old, new, tests in M:
+        if only and not any(o in name for o in only):
+            continue
+        path = ROOT / "lct_kernels" / rel
+        src = path.read_text()
+        n = src.count(old)
+        if n != 1:
+            results.append((name, f"NOT APPLIED (found {n}x)", ""))
+            print(results[-1], flush=True)
+            continue
+        path.write_text(src.replace(old, new))
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", *tests, "-x", "-q",
+                                "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=900)
+            failed = [l for l in r.stdout.splitlines() if l.startswith("FAILED")]
+            status = "CAUGHT" if r.returncode != 0 else "SURVIVED"
+            results.append((name, status, failed[0].split(" - ")[0][7:] if failed else r.stdout.splitlines()[-1]))
+        finally:
+            path.write_text(src)
         print(results[-1], flush=True)
-        continue
-    path.write_text(src.replace(old, new))
-    try:
-        r = subprocess.run([sys.executable, "-m", "pytest", *tests, "-x", "-q",
-                            "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=900)
-        failed = [l for l in r.stdout.splitlines() if l.startswith("FAILED")]
-        status = "CAUGHT" if r.returncode != 0 else "SURVIVED"
-        results.append((name, status, failed[0].split(" - ")[0][7:] if failed else r.stdout.splitlines()[-1]))
-    finally:
-        path.write_text(src)
-    print(results[-1], flush=True)
-shutil.rmtree(ROOT, ignore_errors=True)
-survived = [r for r in results if r[1] != "CAUGHT"]
-print(f"{len(results) - len(survived)} of {len(results)} mutants caught")
-sys.exit(1 if survived else 0)
+    shutil.rmtree(ROOT, ignore_errors=True)
+    survived = [r for r in results if r[1] != "CAUGHT"]
+    print(f"{len(results) - len(survived)} of {len(results)} mutants caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
