@@ -2,7 +2,7 @@
 
 Contract:
   * threads(tasks, elems) = 1 when tasks <= 1, or max_threads <= 1, or the work
-    tasks * elems is below 2 * K (K = 65536 elements per thread); otherwise
+    tasks * elems is below 2 * K (K = 16384 elements per thread); otherwise
     min(max_threads, tasks, floor(tasks * elems / K)).  max_threads defaults to
     torch.get_num_threads(), so torch.set_num_threads(1) keeps every kernel on
     the calling thread, and a single problem never forks.
@@ -18,7 +18,7 @@ from lct_kernels import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.CPU_EXT.loaded, reason="needs the C++ CPU extension")
 
-K = 65536  # kMinElemsPerThread in csrc/cpu/parallel.h
+K = 16384  # kMinElemsPerThread in csrc/cpu/parallel.h
 
 
 def expected_threads(tasks, elems, max_threads):
@@ -42,7 +42,7 @@ def threads():
 @pytest.mark.parametrize("max_threads", [1, 2, 3, 8, 64])
 def test_thread_plan_matches_contract(max_threads):
     grid = [0, 1, 2, 3, 7, 64, 128, 1000, 4096, 98304]
-    elems = [0, 1, 32, 64, 128, 4096, 32768, 65536, 65537, 1 << 20]
+    elems = [0, 1, 32, 64, 128, 4096, 8191, 8192, 16384, 16385, 32768, 65536, 65537, 1 << 20]
     for t in grid:
         for e in elems:
             got = torch.ops.lct._cpu_threads(t, e, max_threads)
@@ -55,11 +55,16 @@ def test_single_problem_never_forks():
         assert torch.ops.lct._cpu_threads(1, elems, 64) == 1
 
 
-def test_demo_shapes_run_on_the_calling_thread():
-    # (tasks, elements per task) of the demo's calls: loss rows, layer norm rows,
-    # the layer norm backward's (group, chunk) tasks, one ot_couple problem.
-    for tasks, elems in [(128, 32), (128, 64), (512, 128), (2048, 32), (128, 4 * 128), (1, 128 * 128)]:
+def test_demo_shapes_thread_use():
+    # (tasks, elements per task) of the demo's calls.  Its losses (128 x 32, 128 x 64)
+    # and its one ot_couple problem stay on the calling thread; its layer norms
+    # (512 x 128 rows, 2048 x 32 rows, and the backward's (group, chunk) tasks) have
+    # 64K elements, 4 K of work per thread: two threads on a 2-core machine, as ATen's.
+    for tasks, elems in [(128, 32), (128, 64), (1, 128 * 128)]:
         assert torch.ops.lct._cpu_threads(tasks, elems, 64) == 1
+    for tasks, elems in [(512, 128), (2048, 32), (128, 4 * 128)]:
+        assert torch.ops.lct._cpu_threads(tasks, elems, 2) == 2
+        assert torch.ops.lct._cpu_threads(tasks, elems, 64) == 4
 
 
 def test_set_num_threads_is_honoured(threads):

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "buffer_pool.h"
@@ -88,7 +89,16 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& xy, const float* mean, con
   const int64_t rows_per_chunk = (group_rows + chunks - 1) / chunks;
   const Rows<T> dyr = rows_of<T>(dy), xyr = rows_of<T>(xy);
   const bool partials = p1_out != nullptr;
-  std::vector<float> part(partials ? size_t(G * chunks * 2 * D) : 0);
+  // One chunk per group: each task owns its group's row of p1_out / p2_out (zeroed by
+  // the caller) and accumulates into it directly: no staging buffer, no serial pass.
+  const bool direct = partials && chunks == 1;
+  std::vector<float> part(partials && !direct ? size_t(G * chunks * 2 * D) : 0);
+  auto task_partials = [&](int64_t task, float* local) -> std::pair<float*, float*> {
+    if (!partials) return {local, local + D};
+    if (direct) return {p1_out + task * D, p2_out + task * D};
+    float* p = part.data() + task * 2 * D;
+    return {p, p + D};
+  };
   const float* zeros = prm.zeros.data();
 
   LayerNormBwdArgs fa{};  // float32: the ISA-specific task kernel (isa/)
@@ -103,16 +113,14 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& xy, const float* mean, con
     std::vector<float> local(partials ? 0 : 2 * D);  // scratch partials when not wanted
     std::vector<float> gain_v(D), scratch(D);
     for (int64_t task = begin; task < end; ++task) {
+      auto [p1, p2] = task_partials(task, local.data());
       if constexpr (std::is_same_v<T, float>) {
-        float* p1 = partials ? part.data() + task * 2 * D : local.data();
-        float_task(fa, task, p1, p1 + D, gain_v.data(), scratch.data());
+        float_task(fa, task, p1, p2, gain_v.data(), scratch.data());
         continue;
       }
       const int64_t g = task / chunks, c = task % chunks;
       const int64_t r0 = g * group_rows + c * rows_per_chunk;
       const int64_t r1 = std::min(g * group_rows + group_rows, r0 + rows_per_chunk);
-      float* p1 = partials ? part.data() + task * 2 * D : local.data();
-      float* p2 = p1 + D;
       const float* sc = scale ? scale + g * D : zeros;
       float* gain = gain_v.data();  // dxhat = dy * gain, gain = (1 + scale_g) * w
       for (int64_t j = 0; j < D; ++j) gain[j] = (1.f + sc[j]) * prm.w[j];
@@ -156,7 +164,7 @@ void bwd_impl(const at::Tensor& dy, const at::Tensor& xy, const float* mean, con
       }
     }
   });
-  if (!partials) return;
+  if (!partials || direct) return;
   for (int64_t g = 0; g < G; ++g) {  // chunk order: deterministic
     float* p1 = p1_out + g * D;
     float* p2 = p2_out + g * D;

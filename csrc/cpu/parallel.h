@@ -21,11 +21,14 @@
 
 namespace lct::cpu {
 
-// Work per thread below which a kernel runs on the calling thread.  About
-// 10-30 us of memory-bound work: the size where forking starts to pay when the
-// machine is quiet (torch's own elementwise grain, at::internal::GRAIN_SIZE, is
-// 32768 elements).
-constexpr int64_t kMinElemsPerThread = 65536;
+// Work per thread below which a kernel runs on the calling thread: 16K elements,
+// a few microseconds of memory-bound work, about what a fork costs on a quiet
+// machine (torch's own elementwise grain, at::internal::GRAIN_SIZE, is 32768
+// elements; ATen's layer norm forks for any row count).  Measured 2026-12-02 on
+// the 2-core development machine: at 64K the demo's 2048 x 32 qk-norm and
+// 512 x 128 block norms ran on one thread and lost to ATen's two; at 16K the
+// forward of 2048 x 32 takes 29-37 us instead of 48, the backward 20 instead of 31.
+constexpr int64_t kMinElemsPerThread = 16384;
 
 // Threads to use for `tasks` independent tasks of about `elems_per_task`
 // elements each, given at most `max_threads`: a pure function of its

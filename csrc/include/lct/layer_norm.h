@@ -12,8 +12,11 @@ namespace lct {
 
 // Elements of one backward task (a chunk of one group's rows).  The number of
 // chunks depends only on the shape, so partial sums always add up in the same
-// order, whatever the thread count.
-constexpr int64_t kLayerNormTaskElems = 262144;
+// order, whatever the thread count.  16K elements (64 KB of fp32 dy): small enough
+// that the demo's short-row calls (2048 x 32, 512 x 128) split into several tasks
+// and can use two threads (parallel.h decides whether they do), large enough that
+// the per-task partials (2 D floats) stay a small fraction of the work.
+constexpr int64_t kLayerNormTaskElems = 16384;
 
 inline int64_t layer_norm_chunks(int64_t group_rows, int64_t D) {
   const int64_t rows_per_task = std::max<int64_t>(1, kLayerNormTaskElems / std::max<int64_t>(D, 1));
