@@ -41,6 +41,11 @@ TORCH_LIBRARY(lct, m) {
   // dy * xhat), p1 and p2 (G, D) float32 or (0,) when !need_partials.  Parameter
   // gradients follow from them: d bias = sum_g (1 + scale_g) p1_g,
   // d weight = sum_g (1 + scale_g) p2_g, d shift = p1, d scale = weight p2 + bias p1.
+  // layer_norm_fwd's y with its autograd node in C++ (cpu/layer_norm_autograd.cpp): the
+  // eager path for CPU tensors; the backward runs layer_norm_bwd and the parameter sums.
+  m.def(
+      "layer_norm_autograd(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, "
+      "Tensor? scale, float eps, int group_rows, bool save_y) -> Tensor");
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor xy, Tensor mean, Tensor rstd, Tensor? weight, "
       "Tensor? bias, Tensor? scale, int group_rows, bool xy_is_y, bool need_dx, "

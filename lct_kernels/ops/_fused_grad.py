@@ -119,6 +119,14 @@ def _plain(args):
     return True
 
 
+def eager_autograd(x):
+    """Whether a call on ``x`` is an eager call that autograd records: grad mode on,
+    no tracing (torch.compile), no functorch transform, a plain tensor."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and type(x) in _TENSOR_TYPES and not torch._C._are_functorch_transforms_active()
+            and not _is_wrapped(x))
+
+
 def call(op, setup_context, backward, *args):
     """Run a fused op with autograd: the registered formula under tracing, the
     equivalent _EagerFused path in eager mode."""

@@ -158,6 +158,11 @@ if hasattr(torch.ops.lct, "layer_norm_fwd"):
     )
 
 
+# lct::layer_norm_autograd (the same kernels, its autograd node in C++), when built
+_CPP_AUTOGRAD = (torch.ops.lct.layer_norm_autograd.default
+                 if hasattr(torch.ops.lct, "layer_norm_autograd") else None)
+
+
 def fused_ops(backend):
     """(forward op, its backward function) of a non-torch backend."""
     if backend == "triton":
@@ -217,6 +222,12 @@ def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_effic
     chosen = pick_backend(fn, "layer_norm", x, backend)
     if chosen == "torch" or M == 0:
         y2 = layer_norm_reference(x2, weight, bias, shift, scale, eps, group_rows)
+        return y2.reshape(x.shape)
+    if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_autograd(x2):
+        # eager training call on CPU: the autograd node in C++ (see
+        # csrc/cpu/layer_norm_autograd.cpp), no Python in the backward
+        y2 = _CPP_AUTOGRAD(x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale), float(eps),
+                           group_rows, bool(memory_efficient))
         return y2.reshape(x.shape)
     op, backward = fused_ops(chosen)
     y2, _, _ = _fused_grad.call(
