@@ -112,3 +112,4 @@ def test_a_small_real_difference_is_not_printed_as_an_exact_tie():
     assert f"{statistics.fmean(d):.1e} ± {statistics.stdev(d) / math.sqrt(3):.1e}" in line
     assert "| 0.0 ± 0.0 |" not in line
     assert A._pm(0.0, 0.0, 1) == "0.0 ± 0.0"
+    assert A._pm(-5.6e-17, 0.026, 3) == "0.000 ± 0.026"  # equal metrics up to float rounding

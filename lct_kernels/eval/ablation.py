@@ -184,8 +184,10 @@ def summarise(report):
 def _pm(mean, spread, digits):
     """``mean ± spread`` with ``digits`` decimals; a non-zero value that would round to 0
     at that precision (a small but real paired difference) is written in e-notation
-    instead, so that "0.0 ± 0.0" always means an exact tie."""
-    small = mean != 0 and abs(mean) < 0.5 * 10 ** -digits
+    instead, so that "0.0 ± 0.0" means a tie (|mean| < 1e-9: float rounding of equal
+    metrics, e.g. -5.6e-17, counts as a tie)."""
+    small = 1e-9 <= abs(mean) < 0.5 * 10 ** -digits
+    mean = mean if abs(mean) >= 1e-9 else 0.0
     fmt = (lambda v: f"{v:.1e}") if small else (lambda v: f"{v:.{digits}f}")
     if math.isnan(spread):
         return fmt(mean)
