@@ -214,27 +214,34 @@ def _check_eps(fn, eps):
 _f32 = V.f32
 
 
+def _flat(p, D):
+    """A parameter of normalized_shape as (D,) (itself when it already is: no view node)."""
+    return p if p is None or p.dim() == 1 else p.reshape(D)
+
+
 def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_efficient):
     """Shared path after validation: x (..., D) -> y (..., D)."""
     M = x.numel() // D if D else 0
     group_rows = M // shift.shape[0] if shift is not None and shift.shape[0] else max(M, 1)
-    x2 = V.rows(x.reshape(M, D)) if M else x.reshape(0, D)
+    # no reshape (an autograd view node each way) when x already is (M, D)
+    flat = x.dim() == 2 and x.shape[1] == D
+    x2 = V.rows(x if flat else x.reshape(M, D)) if M else x.reshape(0, D)
     chosen = pick_backend(fn, "layer_norm", x, backend)
     if chosen == "torch" or M == 0:
         y2 = layer_norm_reference(x2, weight, bias, shift, scale, eps, group_rows)
-        return y2.reshape(x.shape)
+        return y2 if flat else y2.reshape(x.shape)
     if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_autograd(x2):
         # eager training call on CPU: the autograd node in C++ (see
         # csrc/cpu/layer_norm_autograd.cpp), no Python in the backward
         y2 = _CPP_AUTOGRAD(x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale), float(eps),
                            group_rows, bool(memory_efficient))
-        return y2.reshape(x.shape)
+        return y2 if flat else y2.reshape(x.shape)
     op, backward = fused_ops(chosen)
     y2, _, _ = _fused_grad.call(
         op, _setup_fwd, backward, x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale),
         float(eps), group_rows, bool(memory_efficient),
     )
-    return y2.reshape(x.shape)
+    return y2 if flat else y2.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -258,7 +265,7 @@ def non_scaling_layer_norm(x, normalized_shape, bias=None, eps=1e-5, backend=Non
     shape, D = _normalized_size(fn, x, normalized_shape)
     _check_param(fn, "bias", bias, x, shape)
     _check_eps(fn, eps)
-    return _layer_norm(fn, x, D, None, None if bias is None else bias.reshape(D), None, None, eps,
+    return _layer_norm(fn, x, D, None, _flat(bias, D), None, None, eps,
                        backend, memory_efficient)
 
 
@@ -275,8 +282,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=No
     _check_eps(fn, eps)
     if memory_efficient and weight is not None:
         raise ValueError(f"{fn}: memory_efficient=True needs weight=None (xhat = y - bias)")
-    return _layer_norm(fn, x, D, None if weight is None else weight.reshape(D),
-                       None if bias is None else bias.reshape(D), None, None, eps, backend,
+    return _layer_norm(fn, x, D, _flat(weight, D),
+                       _flat(bias, D), None, None, eps, backend,
                        memory_efficient)
 
 
