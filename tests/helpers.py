@@ -35,3 +35,19 @@ def heavy_tailed(shape, dtype=torch.float32, outlier=1e4, frac=0.01):
     x = torch.where(mask, outlier * torch.sign(torch.randn(shape, dtype=torch.float64)), x)
     return x.to(dtype)
 
+
+
+def layer_norm64(x, weight, bias, shift, scale, eps):
+    """Float64 layer norm of the trailing dim from the definition, with optional affine and
+    DiT's adaLN modulate: ((x - mean) / sqrt(var + eps) * weight + bias) * (1 + scale[:, None])
+    + shift[:, None] (biased variance; weight, bias (D,); shift, scale (B, D) for x (B, T, D))."""
+    x = x.double()
+    mean = x.mean(-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    if shift is not None:
+        y = y * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    return y

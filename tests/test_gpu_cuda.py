@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lct_kernels as L
-from helpers import ATOL, assert_rule
+from helpers import ATOL, assert_rule, layer_norm64
 from lct_kernels.ops.layer_norm import layer_norm
 
 pytestmark = pytest.mark.gpu
@@ -39,16 +39,7 @@ needs_cuda_ext = pytest.mark.skipif(not has_cuda_kernels(), reason="needs the CU
 
 def ln64(x, weight, bias, shift, scale):
     """float64 layer norm of the trailing dim, with optional affine and adaLN modulate."""
-    x = x.double()
-    mean = x.mean(-1, keepdim=True)
-    y = (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + EPS)
-    if weight is not None:
-        y = y * weight.double()
-    if bias is not None:
-        y = y + bias.double()
-    if shift is not None:
-        y = y * (1 + scale.double()[:, None]) + shift.double()[:, None]
-    return y
+    return layer_norm64(x, weight, bias, shift, scale, EPS)
 
 
 def eager(x, weight, bias, shift, scale):

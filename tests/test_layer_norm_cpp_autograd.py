@@ -6,7 +6,7 @@ node (no Python autograd Function); its gradients are those of the formula
 for every subset of the optional inputs given and every subset requiring grad (the node
 maps needs_input_grad over the tensors actually given), in both memory modes; under
 torch.inference_mode or no_grad the forward alone runs.  Checked against float64
-autograd of the formula written out here.
+autograd of the formula (tests/helpers.py, layer_norm64).
 """
 
 import itertools
@@ -16,25 +16,12 @@ import torch
 
 import lct_kernels as L
 from lct_kernels.ops.layer_norm import layer_norm
+from helpers import layer_norm64
 from lct_kernels import _ext
 
 pytestmark = pytest.mark.skipif(not _ext.CPU_EXT.loaded, reason="needs the C++ CPU extension")
 
 B, T, D = 3, 5, 16
-
-
-def formula64(x, weight, bias, shift, scale, eps):
-    x = x.double()
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    z = (x - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        z = z * weight.double()
-    if bias is not None:
-        z = z + bias.double()
-    if shift is not None:
-        z = z * (1 + scale.double()[:, None]) + shift.double()[:, None]
-    return z
 
 
 def make(seed, which):
@@ -79,7 +66,7 @@ def test_gradients_for_every_subset_requiring_grad(given):
             got = torch.autograd.grad(y, [t[n] for n in wanted], dy)
             ref_in = {n: (v.detach().double().requires_grad_() if n in wanted else v)
                       for n, v in t.items()}
-            ref = formula64(ref_in["x"], ref_in["weight"], ref_in["bias"], ref_in["shift"],
+            ref = layer_norm64(ref_in["x"], ref_in["weight"], ref_in["bias"], ref_in["shift"],
                             ref_in["scale"], 1e-6)
             torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
             want = torch.autograd.grad(ref, [ref_in[n] for n in wanted], dy.double())
@@ -97,7 +84,7 @@ def test_memory_efficient_mode_keeps_y_and_matches():
     gx, gb = torch.autograd.grad(y, [t["x"], t["bias"]], dy)
     x64 = t["x"].detach().double().requires_grad_()
     b64 = t["bias"].detach().double().requires_grad_()
-    rx, rb = torch.autograd.grad(formula64(x64, None, b64, None, None, 1e-6), [x64, b64], dy.double())
+    rx, rb = torch.autograd.grad(layer_norm64(x64, None, b64, None, None, 1e-6), [x64, b64], dy.double())
     torch.testing.assert_close(gx.double(), rx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gb.double(), rb, rtol=1e-4, atol=1e-4)
 
@@ -111,7 +98,7 @@ def test_no_node_without_grad_and_under_inference_mode():
         assert call(t).grad_fn is None
     with torch.inference_mode():
         y = call({k: (v.detach() if v is not None else None) for k, v in t.items()})
-    ref = formula64(t["x"], None, t["bias"], t["shift"], t["scale"], 1e-6)
+    ref = layer_norm64(t["x"], None, t["bias"], t["shift"], t["scale"], 1e-6)
     torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 

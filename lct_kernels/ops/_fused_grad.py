@@ -119,12 +119,12 @@ def _plain(args):
     return True
 
 
-def eager_autograd(x):
-    """Whether a call on ``x`` is an eager call that autograd records: grad mode on,
-    no tracing (torch.compile), no functorch transform, a plain tensor."""
+def eager_autograd(*args):
+    """Whether a call on ``args`` is an eager call that autograd records, on plain
+    arguments: grad mode on, no tracing (torch.compile), no functorch transform, every
+    argument a plain tensor, None or a Python scalar (see _plain)."""
     return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and type(x) in _TENSOR_TYPES and not torch._C._are_functorch_transforms_active()
-            and not _is_wrapped(x))
+            and not torch._C._are_functorch_transforms_active() and _plain(args))
 
 
 def call(op, setup_context, backward, *args):
@@ -132,6 +132,6 @@ def call(op, setup_context, backward, *args):
     equivalent _EagerFused path in eager mode."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return op(*args)
-    if torch._C._are_functorch_transforms_active() or not _plain(args):
+    if not eager_autograd(*args):  # a functorch transform or a wrapped/subclass argument
         return _EagerFused.apply(op, setup_context, backward, *args)
     return _CORE_APPLY(op, setup_context, backward, *args)

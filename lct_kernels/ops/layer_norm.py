@@ -230,17 +230,15 @@ def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_effic
     if chosen == "torch" or M == 0:
         y2 = layer_norm_reference(x2, weight, bias, shift, scale, eps, group_rows)
         return y2 if flat else y2.reshape(x.shape)
-    if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_autograd(x2):
+    args = (x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale), float(eps), group_rows,
+            bool(memory_efficient))
+    if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_autograd(*args):
         # eager training call on CPU: the autograd node in C++ (see
         # csrc/cpu/layer_norm_autograd.cpp), no Python in the backward
-        y2 = _CPP_AUTOGRAD(x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale), float(eps),
-                           group_rows, bool(memory_efficient))
-        return y2 if flat else y2.reshape(x.shape)
-    op, backward = fused_ops(chosen)
-    y2, _, _ = _fused_grad.call(
-        op, _setup_fwd, backward, x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale),
-        float(eps), group_rows, bool(memory_efficient),
-    )
+        y2 = _CPP_AUTOGRAD(*args)
+    else:
+        op, backward = fused_ops(chosen)
+        y2, _, _ = _fused_grad.call(op, _setup_fwd, backward, *args)
     return y2 if flat else y2.reshape(x.shape)
 
 
