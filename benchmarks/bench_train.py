@@ -7,8 +7,9 @@ One step = OT pairing of data and noise, the teacher forward (no grad), the
 student forward + backward, and an RAdam step: everything the trainer pays per
 step except data loading.  The paths, timed side by side in rotating order:
 
-* ``lct``: DiT with fused NsLN + modulate, ``lct.consistency_objective`` (fused
-  loss + gradient) and ``lct.ot_couple`` (exact assignment on the device);
+* ``lct``: DiT with fused NsLN + modulate and the MLP's fused bias + GELU,
+  ``lct.consistency_objective`` (fused loss + gradient), ``lct.ot_couple`` (exact
+  assignment on the device) and, on the CPU, ``FusedRAdam`` (RAdam + EMA in one pass);
 * ``eager``: the same DiT math in plain PyTorch, the objective's PyTorch
   reference, and torchcfm's ``OTPlanSampler(method="exact")`` (cdist on the
   device, copy to the host, POT's network simplex, ``np.random.choice``), as the
@@ -17,7 +18,8 @@ step except data loading.  The paths, timed side by side in rotating order:
 * ``lct+compile``: ``lct`` with ``torch.compile(fullgraph=True)`` on the network, our
   kernels inside (``--compile``; what ``run.compile=true`` does in the trainer).
 
-Every path ends with the EMA update (``torch._foreach_lerp_``) the trainer makes.
+Every path ends with the EMA update the trainer makes (``torch._foreach_lerp_``, or
+inside FusedRAdam's pass: its "ema" phase is then empty).
 The OT share is the OT pairing's time over the step's, measured in the same steps.
 ``--breakdown`` also times each phase (OT, forward = teacher + student + objective,
 backward, optimizer, EMA) with a device sync between phases: the syncs cost
@@ -38,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lct_kernels.train import objective as obj  # noqa: E402
+from lct_kernels.optim import FusedRAdam  # noqa: E402
 from lct_kernels.train.model import build_dit  # noqa: E402
 
 CONFIGS = {
@@ -79,8 +82,12 @@ def make_step(path, spec, device, compile_net=False):
                 p.normal_(0, 0.02)
     run_net = torch.compile(net, fullgraph=fused) if compile_net else net
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.RAdam(params, lr=1e-4, weight_decay=1e-4)
     ema = [p.detach().clone() for p in params]
+    # the trainer's optimiser: on the CPU the lct path's RAdam + EMA is FusedRAdam's one
+    # pass; the eager path (and CUDA) is torch's RAdam then torch._foreach_lerp_
+    fused_opt = fused and device.type == "cpu"
+    opt = (FusedRAdam(params, lr=1e-4, weight_decay=1e-4, ema=ema) if fused_opt
+           else torch.optim.RAdam(params, lr=1e-4, weight_decay=1e-4))
     # one coupling of the whole batch on both paths (as torchcfm does), so the OT work compares
     pair = (lambda x, n, y: obj.ot_pair(x, n, None)[:2] + (y,)) if fused else torchcfm_pairing()
     if pair is None:
@@ -118,10 +125,14 @@ def make_step(path, spec, device, compile_net=False):
         opt.zero_grad(set_to_none=True)
         total.backward()
         mark("backward")
-        opt.step()
-        mark("optimizer")
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1e-4)
+        if fused_opt:
+            opt.step(ema_decay=1 - 1e-4)  # the EMA inside the optimizer's pass
+            mark("optimizer")
+        else:
+            opt.step()
+            mark("optimizer")
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1e-4)
         sync()
         t_end = time.perf_counter()
         if phases is not None:

@@ -56,6 +56,24 @@ TORCH_LIBRARY(lct, m) {
   // column of each row, -1 for padding rows; u (B, N) and v (B, M) float64 dual
   // potentials, the optimality certificate; status (B,) int32, lct::lap::Status).
   m.def("ot_assign(Tensor cost, Tensor? sizes) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Fused bias + GELU(tanh) of an MLP's first Linear (cpu/bias_gelu.cpp; CPU only):
+  //   y = gelu_tanh(h + bias),  h (M, N) contiguous float32/float16/bfloat16 (the
+  //   bias-free GEMM's output), bias (N,) of h's dtype; y (M, N) in h's dtype.
+  // Backward: dh = dy * gelu_tanh'(h + bias) in h's dtype, or (0,) when !need_dh;
+  //   dbias = sum over rows of dh, (N,) float32, or (0,) when !need_dbias.
+  m.def("bias_gelu_fwd(Tensor h, Tensor bias) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor dy, Tensor h, Tensor bias, bool need_dh, bool need_dbias) "
+        "-> (Tensor, Tensor)");
+  // One fused step of torch.optim.RAdam (coupled weight decay) over a group's
+  // contiguous float32 CPU tensors, in place, optionally followed by
+  // emas[i].lerp_(params[i], ema_weight) (cpu/radam.cpp).  The host passes the step's
+  // scalars: bias_correction1 = 1 - beta1^t, sqrt_bias_correction2 = sqrt(1 - beta2^t),
+  // rect = r_t and rectified = rho_t > 5 (lct_kernels/ops/radam.py).
+  m.def(
+      "radam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] emas, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, float bias_correction1, float sqrt_bias_correction2, "
+      "float rect, bool rectified, float ema_weight) -> ()");
   // CPU introspection (csrc/cpu/introspect.cpp), no tensors:
   //   _cpu_isa: the ISA path of the CPU kernels ("avx2+fma: ..." or "base: ...", with why);
   //   _cpu_threads: threads a CPU kernel uses for `tasks` tasks of `elems_per_task`

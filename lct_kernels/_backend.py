@@ -1,6 +1,6 @@
 """Backend discovery and selection.
 
-Four backends implement every public op:
+Four backends implement the kernel ops (the CPU-only families below take two):
     cuda    compiled CUDA kernels (lct_kernels._C_cuda), CUDA tensors
     triton  Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
     cpu     compiled C++ kernels (lct_kernels._C), CPU tensors
@@ -13,6 +13,12 @@ Rules:
   * Otherwise the choice follows the device: CUDA tensors use cuda, else triton,
     else torch; CPU tensors use cpu, else torch.  Falling back past the first
     choice warns once per (op, device, backend), naming what was missing.
+
+  * CPU-only families (``CPU_ONLY_FAMILIES``: the fused bias + GELU and the fused
+    RAdam step) have the cpu and torch backends only.  On CUDA tensors they run the
+    torch path by design (ATen's CUDA GELU and torch's foreach RAdam are memory-bound
+    already; the CPU kernels exist because ATen's CPU tanh and the for-loop RAdam are
+    not), without a warning; forcing cuda or triton for them raises.
 
 Everything the selection reads is computed once at import, so selection is a
 few dictionary lookups and traces cleanly under ``torch.compile``.
@@ -35,7 +41,11 @@ OP_FAMILIES = {
     "consistency_objective": ("lct::consistency_objective",),
     "layer_norm": ("lct::layer_norm_fwd", "lct::layer_norm_bwd"),
     "ot_assign": ("lct::ot_assign",),
+    "bias_gelu": ("lct::bias_gelu_fwd", "lct::bias_gelu_bwd"),
+    "radam": ("lct::radam_step",),
 }
+# families with a C++ CPU kernel and no GPU kernel: their backends
+CPU_ONLY_FAMILIES = {"bias_gelu": ("cpu", "torch"), "radam": ("cpu", "torch")}
 
 # dtypes the compiled and Triton kernels take; float64 always runs the torch reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -88,9 +98,14 @@ def status(op, backend, device_type):
     if backend == "torch":
         return True, "ok"
     if backend == "triton":
+        if "triton" not in CPU_ONLY_FAMILIES.get(op, BACKENDS):
+            return False, f"{op} has no triton kernel: a CPU kernel only"
         return _triton_status(device_type)
     if backend not in ("cuda", "cpu"):
         return False, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend not in CPU_ONLY_FAMILIES.get(op, BACKENDS):
+        return False, (f"{op} has no {backend} kernel: a CPU kernel only (CUDA tensors run "
+                       "the torch path, see lct_kernels._backend)")
     if backend != device_type:
         return False, f"the {backend} backend runs on {backend} tensors, got {device_type} tensors"
     return _COMPILED[(op, backend)]
@@ -123,6 +138,7 @@ def select(op, device, backend=None, caller=None):
     order = AUTO_ORDER.get(device_type)
     if order is None:
         return "torch"
+    order = tuple(b for b in order if b in CPU_ONLY_FAMILIES.get(op, BACKENDS))
     skipped = []
     for name in order:
         ok, reason = status(op, name, device_type)

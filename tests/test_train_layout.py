@@ -10,7 +10,7 @@ implicit import of a target's parent packages is not an edge (every module would
 depend on lct_kernels/__init__.py, which imports the ops).
 
 Layers (lower never imports higher):
-    _ext, _validate, _backend  <  ops, triton, nn, ot  <  lct_kernels (__init__)
+    _ext, _validate, _backend  <  ops, triton, nn, ot, optim  <  lct_kernels (__init__)
     <  train (core)  <  eval  <  train.cli (the one module that joins trainer and eval)
 """
 
@@ -157,7 +157,8 @@ def _layer(name):
     if name in ("lct_kernels._ext", "lct_kernels._validate", "lct_kernels._backend",
                 "lct_kernels._build_info"):
         return 0
-    if name.startswith(("lct_kernels.ops", "lct_kernels.triton", "lct_kernels.nn", "lct_kernels.ot")):
+    if name.startswith(("lct_kernels.ops", "lct_kernels.triton", "lct_kernels.nn", "lct_kernels.ot",
+                        "lct_kernels.optim")):
         return 1
     if name in ("lct_kernels", "lct_kernels.__main__"):
         return 2

@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from lct_kernels.optim import FusedRAdam  # noqa: E402
 from lct_kernels.train.config import build_config  # noqa: E402
 from lct_kernels.train.device_step import GuardedUpdate, MetricWindow  # noqa: E402
 from lct_kernels.train.loop import Trainer  # noqa: E402
@@ -30,7 +31,9 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
 # The group sizes of ot_couple are read where the labels live; the trainer hands it the
 # host copy of the batch's labels, so on a GPU that read is a host one too (the GPU test
 # checks it under torch.cuda.set_sync_debug_mode("error")).
-CPU_ONLY = {("ops/_fused_grad.py", 'g.device.type == "cpu"'), ("ops/ot.py", "int(counts.max())")}
+# FusedRAdam reads its step counts, CPU tensors (it refuses any other parameter).
+CPU_ONLY = {("ops/_fused_grad.py", 'g.device.type == "cpu"'), ("ops/ot.py", "int(counts.max())"),
+            ("optim.py", "# cpu-only read")}
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +103,12 @@ def test_no_host_read_between_logging_steps(tmp_path, cache_dir, extra):
     assert torch.isfinite(torch.tensor(fetched["loss"]))
 
 
-def test_guarded_update_skips_exactly_and_applies_otherwise():
+@pytest.mark.parametrize("optimizer", [torch.optim.RAdam, FusedRAdam])
+def test_guarded_update_skips_exactly_and_applies_otherwise(optimizer):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.RAdam(params, lr=0.1, weight_decay=0.01)
+    opt = optimizer(params, lr=0.1, weight_decay=0.01)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # the optimiser state exists from here on
@@ -124,7 +128,7 @@ def test_guarded_update_skips_exactly_and_applies_otherwise():
         p.grad = torch.randn_like(p)
     # an unguarded twin of the same state, for the applied case
     ref_params = [p.detach().clone().requires_grad_() for p in params]
-    ref_opt = torch.optim.RAdam(ref_params, lr=0.1, weight_decay=0.01)
+    ref_opt = optimizer(ref_params, lr=0.1, weight_decay=0.01)
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for rp, p in zip(ref_params, params):
         rp.grad = p.grad.clone()

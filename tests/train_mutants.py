@@ -23,6 +23,9 @@ CSCHED = "tests/test_train_c_schedule.py"
 PREC = "tests/test_train_precision.py"
 NORM = "tests/test_train_norm.py"
 INSPECT = "tests/test_train_inspect.py"
+RADAM = "tests/test_optim_fused_radam.py"
+UPDATE = "tests/test_train_fused_update.py"
+GELU = "tests/test_bias_gelu.py"
 M = [
  ("reuse z in the 2-step sampler", "train/sampling.py",
   "z2 = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)", "z2 = z", [T]),
@@ -110,6 +113,18 @@ M = [
   "/ var.clamp_min(1e-300) ** 2 - 3.0", "/ var.clamp_min(1e-300) ** 2", [INSPECT]),
  ("z standardised with the sample std (n - 1)", "train/latent_report.py",
   "std, mean = torch.std_mean(x, dim=0, correction=0)", "std, mean = torch.std_mean(x, dim=0, correction=1)", [INSPECT]),
+ # issue 14: the fused optimizer, the trainer's fused update, the fused bias + GELU
+ ("RAdam first-moment bias correction with beta2", "ops/radam.py",
+  "bias_correction1 = 1 - beta1 ** step", "bias_correction1 = 1 - beta2 ** step", [RADAM]),
+ ("RAdam rectified from rho_t > 4", "ops/radam.py",
+  "rectified = rho_t > 5.0", "rectified = rho_t > 4.0", [RADAM]),
+ ("FusedRAdam EMA weight decay instead of 1 - decay", "optim.py",
+  "ema_weight=1.0 - ema_decay if ema_decay", "ema_weight=ema_decay if ema_decay", [RADAM]),
+ ("trainer's fused update without the EMA", "train/loop.py",
+  "self.optimizer.step(ema_decay=decay)", "self.optimizer.step()", [UPDATE]),
+ ("bias + GELU backward with dh and dbias requests swapped", "ops/bias_gelu.py",
+  "need_dh, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]",
+  "need_dh, need_db = ctx.needs_input_grad[1], ctx.needs_input_grad[0]", [GELU]),
 ]
 
 

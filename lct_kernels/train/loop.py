@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .._backend import select
+from ..optim import FusedRAdam
 from . import distributed as ddp_lib
 from . import objective as obj
 from .checkpoint import CheckpointError, list_checkpoints, resolve_resume, save_checkpoint
@@ -146,10 +148,20 @@ class Trainer(StageSchedule, RunOutputs):
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # capturable: RAdam keeps its step count on the GPU, so its update never reads
         # the device from the host (and the skip guard can restore it on the device)
-        self.optimizer = torch.optim.RAdam(
-            self._params, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps,
-            capturable=self.device.type == "cuda",
-        )
+        # On the CPU the fused RAdam (lct_kernels.optim.FusedRAdam: torch's RAdam update and
+        # the EMA in one C++ pass, the same state_dict); elsewhere, or with
+        # run.backend=torch, torch's RAdam.
+        self.fused_optimizer = self.device.type == "cpu" and select(
+            "radam", self.device, "torch" if self.backend == "torch" else None, "lct-train") == "cpu"
+        if self.fused_optimizer:
+            shadows = dict(zip(self.model.parameters(), self.ema.parameters()))
+            self.optimizer = FusedRAdam(self._params, lr=o.lr, weight_decay=o.weight_decay,
+                                        eps=o.eps, ema=[shadows[p] for p in self._params])
+        else:
+            self.optimizer = torch.optim.RAdam(
+                self._params, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps,
+                capturable=self.device.type == "cuda",
+            )
         self._guard = GuardedUpdate(self.optimizer, self._params, list(self.ema.parameters()))
         # run.compile: one compiled module serves student and teacher (a training graph and
         # a no_grad graph, compiled at the first step); c and N never enter the model, so
@@ -369,13 +381,12 @@ class Trainer(StageSchedule, RunOutputs):
             if not bool(found):
                 self._record_residuals(step, residual[0])
         if self.sync_free and self._guard.ready():
-            self._guard(found, lambda: (self.optimizer.step(), self.update_ema(step)))
+            self._guard(found, lambda: self.update(step))
         elif bool(found):  # host check: sync_free off (CPU), or the run's first update (no
             # optimiser state to snapshot yet: one sync)
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.optimizer.step()
-            self.update_ema(step)
+            self.update(step)
         # no norm this step: count 0 (grad_norm * 0 would be NaN * 0 = NaN)
         has_norm = (torch.isfinite(grad_norm).float() if (clip > 0 or log_norm)
                     else torch.zeros((), device=self.device))
@@ -414,10 +425,33 @@ class Trainer(StageSchedule, RunOutputs):
         return {"loss": loss, "cm_loss": cm_loss, "diff_loss": diff_loss, "grad_norm": grad_norm,
                 "good": good, "skipped": skipped}
 
+    def ema_decay(self, step):
+        """The EMA decay of step k: optim.ema_decay, warmed up as min(ema_decay,
+        (1 + k) / (10 + k)) with optim.ema_warmup."""
+        o = self.cfg.optim
+        return min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay
+
+    def update(self, step):
+        """The optimiser step, then the EMA update (folded into the fused RAdam's pass
+        on the CPU: the same lerp)."""
+        if not self.fused_optimizer:
+            self.optimizer.step()
+            self.update_ema(step)
+            return
+        decay = self.ema_decay(step)
+        self.optimizer.step(ema_decay=decay)  # every trainable parameter's EMA
+        with torch.no_grad():
+            frozen = [(e, p) for e, p in zip(self.ema.parameters(), self.model.parameters())
+                      if not p.requires_grad]
+            if frozen:
+                torch._foreach_lerp_([e for e, _ in frozen], [p for _, p in frozen], 1.0 - decay)
+            for eb, b in zip(self.ema.buffers(), self.model.buffers()):
+                eb.copy_(b)
+
     @torch.no_grad()
     def update_ema(self, step):
-        o = self.cfg.optim
-        decay = min(o.ema_decay, (1 + step) / (10 + step)) if o.ema_warmup else o.ema_decay
+        """ema = lerp(ema, model, 1 - ema_decay(step)) for every parameter; buffers copied."""
+        decay = self.ema_decay(step)
         ema_params = list(self.ema.parameters())
         params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)

@@ -13,7 +13,7 @@ as facebookresearch/DiT):
   before issue 13; the demo preset keeps it).
 
 ``fused`` picks the kernels (``lct_kernels.nsln_modulate``, ``NonScalingLayerNorm``,
-``FusedLayerNorm``) or the same math in eager PyTorch: a backend choice with the same
+``FusedLayerNorm``, the MLP's fused bias + GELU) or the same math in eager PyTorch: a backend choice with the same
 parameters and state_dict, never a different model.
 
 Precision: under autocast the two ends of the network run in fp32 (``fp32_ends``):
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.layer_norm import FusedLayerNorm, NonScalingLayerNorm
+from ..ops import bias_gelu as _gelu
 from ..ops import layer_norm as _ln
 
 DIT_SIZES = {
@@ -152,16 +153,25 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, with dropout: (B, T, D) -> (B, T, D)."""
+    """Linear -> GELU(tanh) -> Linear, with dropout: (B, T, D) -> (B, T, D).
 
-    def __init__(self, dim, hidden, dropout):
+    ``fused``: fc1's bias and the GELU in one pass (``lct_kernels.ops.bias_gelu``;
+    the C++ kernel on the CPU, the same eager ops on CUDA); the parameters are the same."""
+
+    def __init__(self, dim, hidden, dropout, fused=False, backend=None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
+        self.fused = bool(fused)
+        self.backend = backend
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
+        if self.fused:
+            h = _gelu.linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend)
+        else:
+            h = F.gelu(self.fc1(x), approximate="tanh")
+        return self.drop(self.fc2(self.drop(h)))
 
 
 class DiTBlock(nn.Module):
@@ -172,7 +182,7 @@ class DiTBlock(nn.Module):
         self.norm1 = ModulatedNorm(dim, norm_bias, fused, backend)
         self.attn = Attention(dim, num_heads, nsln, fused, dropout, backend)
         self.norm2 = ModulatedNorm(dim, norm_bias, fused, backend)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, fused, backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
