@@ -7,6 +7,7 @@ Public API:
     ot_assign, ot_couple, ot.OTPlanSampler                exact minibatch OT (assignment) and torchcfm drop-in
     ot.patch_torchcfm, ot.unpatch_torchcfm                make torchcfm build our OTPlanSampler
     linear_gelu                                           gelu_tanh(x W^T + b), bias + GELU fused (CPU)
+    gated_residual                                        x + gate[:, None] * y, adaLN-zero's update fused (CPU)
     optim.FusedRAdam                                      torch's RAdam + the EMA in one CPU pass
     nn                                                    thin modules over the ops
     nn.patch_dit, nn.unpatch_dit                          fuse a DiT's modulate(norm(x)) in place
@@ -20,6 +21,7 @@ from . import _ext  # noqa: F401  (loads the compiled libraries first)
 from ._backend import BackendUnavailable, backend_info, format_backend_info
 from .ops.consistency_objective import consistency_objective
 from .ops.bias_gelu import linear_gelu
+from .ops.gated_residual import gated_residual
 from .ops.layer_norm import non_scaling_layer_norm, nsln_modulate
 from .ops.ot import ot_assign, ot_couple
 from .ops.robust_loss import cauchy_loss, geman_mcclure_loss, pseudo_huber_loss
@@ -39,6 +41,7 @@ __all__ = [
     "non_scaling_layer_norm",
     "nsln_modulate",
     "linear_gelu",
+    "gated_residual",
     "optim",
     "ot_assign",
     "ot_couple",

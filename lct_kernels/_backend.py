@@ -14,11 +14,12 @@ Rules:
     else torch; CPU tensors use cpu, else torch.  Falling back past the first
     choice warns once per (op, device, backend), naming what was missing.
 
-  * CPU-only families (``CPU_ONLY_FAMILIES``: the fused bias + GELU and the fused
-    RAdam step) have the cpu and torch backends only.  On CUDA tensors they run the
-    torch path by design (ATen's CUDA GELU and torch's foreach RAdam are memory-bound
-    already; the CPU kernels exist because ATen's CPU tanh and the for-loop RAdam are
-    not), without a warning; forcing cuda or triton for them raises.
+  * CPU-only families (``CPU_ONLY_FAMILIES``: the fused bias + GELU, the gated
+    residual and the fused RAdam step) have the cpu and torch backends only.  On CUDA
+    tensors they run the torch path by design (ATen's CUDA GELU and torch's foreach
+    RAdam are memory-bound already; the CPU kernels exist because ATen's CPU tanh,
+    the for-loop RAdam and the per-op cost of small CPU elementwise ops are not),
+    without a warning; forcing cuda or triton for them raises.
 
 Everything the selection reads is computed once at import, so selection is a
 few dictionary lookups and traces cleanly under ``torch.compile``.
@@ -43,9 +44,11 @@ OP_FAMILIES = {
     "ot_assign": ("lct::ot_assign",),
     "bias_gelu": ("lct::bias_gelu_fwd", "lct::bias_gelu_bwd"),
     "radam": ("lct::radam_step",),
+    "gated_residual": ("lct::gated_residual_fwd", "lct::gated_residual_bwd"),
 }
 # families with a C++ CPU kernel and no GPU kernel: their backends
-CPU_ONLY_FAMILIES = {"bias_gelu": ("cpu", "torch"), "radam": ("cpu", "torch")}
+CPU_ONLY_FAMILIES = {"bias_gelu": ("cpu", "torch"), "radam": ("cpu", "torch"),
+                     "gated_residual": ("cpu", "torch")}
 
 # dtypes the compiled and Triton kernels take; float64 always runs the torch reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,6 +167,12 @@ def pick_backend(fn, family, x, backend):
     float64 always runs the torch reference (the kernels take KERNEL_DTYPES); forcing
     another backend for float64 raises TypeError.  Otherwise :func:`select` decides.
     """
+    # The common case first, select's answer without its checks (about 2 us less per
+    # call, which the demo's small ops pay ~50 times a step): a CPU tensor of a kernel
+    # dtype, nothing forced, the cpu kernels loaded.
+    if (backend is None and x.is_cpu and x.dtype in KERNEL_DTYPES
+            and not os.environ.get("LCT_BACKEND") and _COMPILED[(family, "cpu")][0]):
+        return "cpu"
     if x.dtype not in KERNEL_DTYPES:
         forced = requested_backend(backend, fn)
         if forced not in (None, "torch"):

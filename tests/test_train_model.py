@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from lct_kernels.nn import NonScalingLayerNorm
+from lct_kernels.ops import bias_gelu as gelu_ops
+from lct_kernels.ops import gated_residual as gated_ops
 from lct_kernels.ops import layer_norm as ln_ops
 from lct_kernels.train.model import DIT_SIZES, DiT, build_dit, num_parameters
 
@@ -156,6 +158,22 @@ def test_fused_model_calls_the_lct_ops(monkeypatch):
     # fused is a backend choice for either norm variant (issue 13)
     small(nsln=False, backend="torch")(*inputs()[:2])
     assert len(calls) == 2 * 2 + 1
+
+
+def test_fused_blocks_use_the_fused_mlp_and_gated_residual(monkeypatch):
+    calls = {"linear_gelu": 0, "gated_residual": 0}
+    for mod, name in ((gelu_ops, "linear_gelu"), (gated_ops, "gated_residual")):
+        real = getattr(mod, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, counting)
+    small(depth=3)(*inputs()[:2])
+    assert calls == {"linear_gelu": 3, "gated_residual": 2 * 3}  # fc1 and both residuals per block
+    small(depth=3, fused=False)(*inputs()[:2])
+    assert calls == {"linear_gelu": 3, "gated_residual": 2 * 3}  # the eager model: neither
 
 
 def test_checkpoint_moves_between_fused_and_eager():

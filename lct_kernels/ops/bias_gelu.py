@@ -60,6 +60,9 @@ if hasattr(torch.ops.lct, "bias_gelu_fwd"):
     torch.library.register_fake("lct::bias_gelu_bwd")(_fake_bwd)
     torch.library.register_autograd("lct::bias_gelu_fwd", _backward, setup_context=_setup)
     _FWD = torch.ops.lct.bias_gelu_fwd.default
+# lct::bias_gelu_autograd (the same kernels, its autograd node in C++), when built
+_CPP_AUTOGRAD = (torch.ops.lct.bias_gelu_autograd.default
+                 if hasattr(torch.ops.lct, "bias_gelu_autograd") else None)
 
 
 def _check(x, weight, bias):
@@ -99,5 +102,10 @@ def linear_gelu(x, weight, bias, backend=None):
     if h.dtype == torch.float64:  # float64 (promoted GEMM): the reference
         y = bias_gelu_reference(h, bias.to(h.dtype))
     else:
-        y = _fused_grad.call(_FWD, _setup, _backward, h, bias.to(h.dtype))
+        args = (h, bias.to(h.dtype))
+        if _CPP_AUTOGRAD is not None and _fused_grad.eager_call(*args):
+            # eager call (any grad mode): the autograd node in C++ (csrc/cpu/pointwise_autograd.cpp)
+            y = _CPP_AUTOGRAD(*args)
+        else:
+            y = _fused_grad.call(_FWD, _setup, _backward, *args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)

@@ -174,6 +174,11 @@ def fused_ops(backend):
 # Validation and dispatch
 # ----------------------------------------------------------------------------
 def _normalized_size(fn, x, normalized_shape):
+    # the modules' case first: a 1-tuple of int matching x's last dimension
+    if (type(normalized_shape) is tuple and len(normalized_shape) == 1
+            and type(normalized_shape[0]) is int and x.dim() >= 1
+            and x.shape[-1] == normalized_shape[0]):
+        return normalized_shape, normalized_shape[0]
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         normalized_shape = (int(normalized_shape),)
     try:
@@ -194,7 +199,7 @@ def _check_param(fn, name, p, x, shape):
     if p is None:
         return
     V.tensor(fn, name, p)
-    if tuple(p.shape) != tuple(shape):
+    if p.shape != shape:
         raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
     V.same_device(fn, "x", x, name, p)
     if p.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -205,6 +210,8 @@ def _check_param(fn, name, p, x, shape):
 
 
 def _check_eps(fn, eps):
+    if type(eps) is float and 0.0 < eps < math.inf:  # the common case
+        return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{fn}: eps must be a number > 0, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
@@ -232,9 +239,10 @@ def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_effic
         return y2 if flat else y2.reshape(x.shape)
     args = (x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale), float(eps), group_rows,
             bool(memory_efficient))
-    if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_autograd(*args):
-        # eager training call on CPU: the autograd node in C++ (see
-        # csrc/cpu/layer_norm_autograd.cpp), no Python in the backward
+    if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_call(*args):
+        # eager call on CPU: the autograd node in C++ (see
+        # csrc/cpu/layer_norm_autograd.cpp), no Python in the backward, and under
+        # no_grad no Python autograd kernel in the forward
         y2 = _CPP_AUTOGRAD(*args)
     else:
         op, backward = fused_ops(chosen)

@@ -13,7 +13,8 @@ as facebookresearch/DiT):
   before issue 13; the demo preset keeps it).
 
 ``fused`` picks the kernels (``lct_kernels.nsln_modulate``, ``NonScalingLayerNorm``,
-``FusedLayerNorm``, the MLP's fused bias + GELU) or the same math in eager PyTorch: a backend choice with the same
+``FusedLayerNorm``, the MLP's fused bias + GELU, the fused gated residual) or the
+same math in eager PyTorch: a backend choice with the same
 parameters and state_dict, never a different model.
 
 Precision: under autocast the two ends of the network run in fp32 (``fp32_ends``):
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..nn.layer_norm import FusedLayerNorm, NonScalingLayerNorm
 from ..ops import bias_gelu as _gelu
+from ..ops import gated_residual as _gated
 from ..ops import layer_norm as _ln
 
 DIT_SIZES = {
@@ -184,9 +186,16 @@ class DiTBlock(nn.Module):
         self.norm2 = ModulatedNorm(dim, norm_bias, fused, backend)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, fused, backend)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.fused = bool(fused)
+        self.backend = backend
 
     def forward(self, x, c):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, 1)
+        if self.fused:  # x + gate[:, None] * y in one pass (and one in the backward)
+            x = _gated.gated_residual(x, gate_a, self.attn(self.norm1(x, shift_a, scale_a)),
+                                      backend=self.backend)
+            return _gated.gated_residual(x, gate_m, self.mlp(self.norm2(x, shift_m, scale_m)),
+                                         backend=self.backend)
         x = x + gate_a[:, None] * self.attn(self.norm1(x, shift_a, scale_a))
         return x + gate_m[:, None] * self.mlp(self.norm2(x, shift_m, scale_m))
 

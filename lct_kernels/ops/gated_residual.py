@@ -1,0 +1,112 @@
+"""Fused gated residual of adaLN-zero, on the CPU.
+
+    gated_residual(x, gate, y) = x + gate[:, None, :] * y
+
+x, y (B, T, D) and gate (B, D) floating -> (B, T, D) in the promoted dtype.  The
+forward is one C++ pass (``lct::gated_residual_fwd``); the backward is one pass that
+writes dy = dout * gate[:, None] and dgate = sum_t dout * y (``lct::gated_residual_bwd``,
+float32 sums over the tokens in order); dx is dout itself.  Eager training calls use
+the same kernels with the autograd node in C++ (``lct::gated_residual_autograd``).  gate may be a column slice
+of adaLN's (B, 6 D) output (``chunk``): it is read in place.  Saved for backward: gate
+and y, what eager's multiply saves too.
+
+Why a kernel: a DiT block makes this update twice per block.  Eagerly it is a multiply
+into a temporary and an add (the backward: two multiplies and a sum over tokens), five
+passes and three allocations where the fused op makes two passes; at the demo's
+(128, 4, 128) each ATen pass costs 40-60 us on the 2-core development machine
+(2026-12-02), launch and allocation included.  CUDA tensors run the torch path (see
+``lct_kernels._backend``: CPU-only families).
+"""
+
+import torch
+
+from .._backend import pick_backend
+from . import _fused_grad
+
+
+def gated_residual_reference(x, gate, y):
+    """x + gate[:, None, :] * y in eager PyTorch (any dtype, differentiable)."""
+    return x + gate.unsqueeze(1) * y
+
+
+def _fake_fwd(x, gate, y):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_bwd(dout, gate, y, need_dgate, need_dy):
+    dgate = dout.new_empty((gate.shape if need_dgate else (0,)), dtype=torch.float32)
+    dy = torch.empty_like(dout, memory_format=torch.contiguous_format) if need_dy else dout.new_empty((0,))
+    return dgate, dy
+
+
+def _setup(ctx, inputs, output):
+    x, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _backward(ctx, dout):
+    gate, y = ctx.saved_tensors
+    need_dx, need_dgate, need_dy = ctx.needs_input_grad[:3]
+    if dout is None:
+        return None, None, None
+    dx = dout if need_dx else None
+    if not (need_dgate or need_dy):
+        return dx, None, None
+    dgate, dy = torch.ops.lct.gated_residual_bwd(dout.contiguous().to(y.dtype), gate, y,
+                                                 need_dgate, need_dy)
+    return dx, (dgate.to(gate.dtype) if need_dgate else None), (dy if need_dy else None)
+
+
+_FWD = None
+if hasattr(torch.ops.lct, "gated_residual_fwd"):
+    torch.library.register_fake("lct::gated_residual_fwd")(_fake_fwd)
+    torch.library.register_fake("lct::gated_residual_bwd")(_fake_bwd)
+    torch.library.register_autograd("lct::gated_residual_fwd", _backward, setup_context=_setup)
+    _FWD = torch.ops.lct.gated_residual_fwd.default
+# lct::gated_residual_autograd (the same kernels, its autograd node in C++), when built
+_CPP_AUTOGRAD = (torch.ops.lct.gated_residual_autograd.default
+                 if hasattr(torch.ops.lct, "gated_residual_autograd") else None)
+
+
+def _check(x, gate, y):
+    fn = "gated_residual"
+    for name, t in (("x", x), ("gate", gate), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: x must be (B, T, D), got shape {tuple(x.shape)}")
+    if y.shape != x.shape:
+        raise ValueError(f"{fn}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if gate.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"{fn}: gate must be (B, D) = ({x.shape[0]}, {x.shape[2]}), got "
+                         f"{tuple(gate.shape)}")
+    if not (x.device == gate.device == y.device):
+        raise ValueError(f"{fn}: x, gate and y must be on one device, got {x.device}, "
+                         f"{gate.device} and {y.device}")
+
+
+def gated_residual(x, gate, y, backend=None):
+    """``x + gate[:, None, :] * y`` (adaLN-zero's residual update) in one fused CPU pass,
+    and one pass in the backward.
+
+    x (B, T, D), gate (B, D), y (B, T, D) floating -> (B, T, D) in the dtype type
+    promotion gives (all three are cast to it).  ``backend``: None (auto: the C++
+    kernel for CPU float32/bfloat16/float16, torch otherwise), "cpu" or "torch".
+    float64 runs the reference."""
+    _check(x, gate, y)
+    if not (x.dtype == gate.dtype == y.dtype):
+        dtype = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
+        x, gate, y = x.to(dtype), gate.to(dtype), y.to(dtype)
+    chosen = pick_backend("gated_residual", "gated_residual", x, backend)
+    if chosen == "torch" or _FWD is None:
+        return gated_residual_reference(x, gate, y)
+    if gate.shape[1] > 1 and gate.stride(1) != 1:
+        gate = gate.contiguous()
+    args = (x.contiguous(), gate, y.contiguous())
+    if _CPP_AUTOGRAD is not None and _fused_grad.eager_call(*args):
+        # eager call (any grad mode): the autograd node in C++ (csrc/cpu/pointwise_autograd.cpp),
+        # no Python in the backward
+        return _CPP_AUTOGRAD(*args)
+    return _fused_grad.call(_FWD, _setup, _backward, *args)
