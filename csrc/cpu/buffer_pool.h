@@ -6,7 +6,9 @@
 // 4 KiB of gradient -- as much time as the kernel itself at (256, 4096) fp32.
 // Buffers from pooled_empty() go back to this pool when their tensor dies and
 // are handed out again for the next request of the same size.
-// The pool holds at most LCT_CPU_POOL_MB megabytes (default 256; 0 disables it).
+// The pool holds at most LCT_CPU_POOL_MB megabytes (default: a quarter of physical
+// memory, at least 256; 0 disables it); a block returned to a full pool first evicts
+// cached blocks of other sizes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
