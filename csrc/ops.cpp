@@ -65,16 +65,19 @@ TORCH_LIBRARY(lct, m) {
   m.def("bias_gelu_bwd(Tensor dy, Tensor h, Tensor bias, bool need_dh, bool need_dbias) "
         "-> (Tensor, Tensor)");
   // Fused gated residual of adaLN-zero (cpu/gated_residual.cpp; CPU only):
-  //   out = x + gate[:, None, :] * y,  x, y (B, T, D) contiguous float32/float16/bfloat16,
-  //   gate (B, D) of x's dtype with unit column stride (a column slice of adaLN's output).
-  // Backward: dgate = sum over T of dout * y, (B, D) float32, or (0,) when !need_dgate;
-  //   dy = dout * gate[:, None, :] in dout's dtype, or (0,) when !need_dy (dx is dout).
-  m.def("gated_residual_fwd(Tensor x, Tensor gate, Tensor y) -> Tensor");
-  m.def("gated_residual_bwd(Tensor dout, Tensor gate, Tensor y, bool need_dgate, bool need_dy) "
-        "-> (Tensor, Tensor)");
+  //   out = x + gate[:, None, :] * (y + bias),  x, y (B, T, D) contiguous
+  //   float32/float16/bfloat16, gate (B, D) of x's dtype with unit column stride (a
+  //   column slice of adaLN's output), bias (D,) of x's dtype or None (zero): the bias
+  //   of the Linear that produced y, folded in.
+  // Backward: dgate = sum over T of dout * (y + bias), (B, D) float32, or (0,) when
+  //   !need_dgate; dy = dout * gate[:, None, :] in dout's dtype, or (0,) when !need_dy;
+  //   dbias = sum over B and T of dy, (D,) float32, or (0,) when !need_dbias (dx is dout).
+  m.def("gated_residual_fwd(Tensor x, Tensor gate, Tensor y, Tensor? bias) -> Tensor");
+  m.def("gated_residual_bwd(Tensor dout, Tensor gate, Tensor y, Tensor? bias, bool need_dgate, "
+        "bool need_dy, bool need_dbias) -> (Tensor, Tensor, Tensor)");
   // gated_residual_fwd and bias_gelu_fwd with their autograd nodes in C++
   // (cpu/pointwise_autograd.cpp): eager training calls on CPU tensors, no Python backward.
-  m.def("gated_residual_autograd(Tensor x, Tensor gate, Tensor y) -> Tensor");
+  m.def("gated_residual_autograd(Tensor x, Tensor gate, Tensor y, Tensor? bias) -> Tensor");
   m.def("bias_gelu_autograd(Tensor h, Tensor bias) -> Tensor");
   // One fused step of torch.optim.RAdam (coupled weight decay) over a group's
   // contiguous float32 CPU tensors, in place, optionally followed by

@@ -7,7 +7,7 @@ Public API:
     ot_assign, ot_couple, ot.OTPlanSampler                exact minibatch OT (assignment) and torchcfm drop-in
     ot.patch_torchcfm, ot.unpatch_torchcfm                make torchcfm build our OTPlanSampler
     linear_gelu                                           gelu_tanh(x W^T + b), bias + GELU fused (CPU)
-    gated_residual                                        x + gate[:, None] * y, adaLN-zero's update fused (CPU)
+    gated_residual                                        x + gate[:, None] * (y + bias), adaLN-zero's update fused (CPU)
     optim.FusedRAdam                                      torch's RAdam + the EMA in one CPU pass
     nn                                                    thin modules over the ops
     nn.patch_dit, nn.unpatch_dit                          fuse a DiT's modulate(norm(x)) in place

@@ -92,6 +92,24 @@ def test_each_subset_requiring_grad(wanted):
         assert (g.double() - r).abs().max().item() <= 2e-5 * max(1.0, r.abs().max().item()), k
 
 
+@pytest.mark.parametrize("wanted", [("h",), ("b",), ("h", "b")])
+def test_the_registered_formula_for_each_subset_requiring_grad(wanted):
+    # the raw op's autograd formula (ops/bias_gelu.py _backward: what torch.compile
+    # traces); eager linear_gelu calls use the C++ node instead
+    g = torch.Generator().manual_seed(4)
+    h, b = torch.randn(70, 11, generator=g), torch.randn(11, generator=g)
+    named = {"h": h, "b": b}
+    for k in wanted:
+        named[k].requires_grad_()
+    dy = torch.randn(70, 11, generator=g)
+    y = torch.ops.lct.bias_gelu_fwd(h, b)
+    got = torch.autograd.grad(y, [named[k] for k in wanted], dy)
+    h64, b64 = h.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    want = dict(zip("hb", torch.autograd.grad(gelu64(h64 + b64), (h64, b64), dy.double())))
+    for k, got_k in zip(wanted, got):
+        torch.testing.assert_close(got_k.double(), want[k], rtol=2e-5, atol=2e-5, msg=k)
+
+
 def test_tails_and_special_values():
     # the sigmoid form keeps relative accuracy for negative u, where 1 + tanh z cancels
     u = torch.tensor([-30.0, -12.0, -9.5, -5.0, -1e-3, 0.0, 1e-3, 3.0, 12.0, 30.0, 1e20, -1e20])

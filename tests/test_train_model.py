@@ -247,6 +247,23 @@ def test_dropout_is_active_in_training_only():
     assert (model(x, t) - model(x, t)).abs().max() > 0
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_and_eager_agree_with_dropout_in_either_mode(train):
+    # with an active dropout the fused block keeps the Linears' biases before their
+    # dropout (no folding into the gated residual); the same seed gives the same masks
+    torch.manual_seed(3)
+    fused = perturb(small(dropout=0.3))
+    eager = small(dropout=0.3, fused=False)
+    eager.load_state_dict(fused.state_dict())
+    fused.train(train), eager.train(train)
+    x, t, _ = inputs()
+    torch.manual_seed(11)
+    out_f = fused(x, t)
+    torch.manual_seed(11)
+    out_e = eager(x, t)
+    torch.testing.assert_close(out_f, out_e, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------

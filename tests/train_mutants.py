@@ -26,6 +26,8 @@ INSPECT = "tests/test_train_inspect.py"
 RADAM = "tests/test_optim_fused_radam.py"
 UPDATE = "tests/test_train_fused_update.py"
 GELU = "tests/test_bias_gelu.py"
+GATED = "tests/test_gated_residual.py"
+MODEL = "tests/test_train_model.py"
 M = [
  ("reuse z in the 2-step sampler", "train/sampling.py",
   "z2 = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)", "z2 = z", [T]),
@@ -125,6 +127,16 @@ M = [
  ("bias + GELU backward with dh and dbias requests swapped", "ops/bias_gelu.py",
   "need_dh, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]",
   "need_dh, need_db = ctx.needs_input_grad[1], ctx.needs_input_grad[0]", [GELU]),
+ ("gated residual backward: dgate from dout * gate instead of dout * y", "ops/gated_residual.py",
+  "dgate, dy, dbias = torch.ops.lct.gated_residual_bwd(dout.contiguous().to(y.dtype), gate, y,",
+  "dgate, dy, dbias = torch.ops.lct.gated_residual_bwd(dout.contiguous().to(y.dtype), gate, gate[:, None].expand_as(y).contiguous(),",
+  [GATED]),
+ ("fused DiT block: the MLP's residual gated by the attention gate", "train/model.py",
+  "return _gated.gated_residual(x, gate_m, y,", "return _gated.gated_residual(x, gate_a, y,",
+  [MODEL]),
+ ("fused DiT block: fc2's folded bias dropped", "train/model.py",
+  "return _gated.gated_residual(x, gate_m, y, self.mlp.fc2.bias if fold else None,",
+  "return _gated.gated_residual(x, gate_m, y, None,", [MODEL]),
 ]
 
 

@@ -3,7 +3,12 @@
 // Design: adaLN-zero's residual update x + gate[:, None] * y is two ATen passes in eager
 // mode (a multiply into a temporary, then an add), and its backward three (dout * gate,
 // dout * y, then a sum over tokens).  Here the forward is one pass and the backward one
-// pass that writes dy and dgate together (dx is dout itself: no pass).  float32 goes
+// pass that writes dy and dgate together (dx is dout itself: no pass).  The optional
+// bias is the bias of the Linear that produced y, folded in: that GEMM then runs as a
+// plain mm (ATen's addmm first copies the broadcast bias into its output and the GEMM
+// then reads it back: two extra passes over a (B T, D) activation), and d bias (the sum
+// of dy over rows) comes out of the same backward pass (one float32 partial per sample,
+// combined in sample order in float64: the same for any thread count).  float32 goes
 // through the ISA kernels (isa/gated_rows.h); float16 and bfloat16 are computed in
 // float32 per element and rounded once.  gate may be a column slice of adaLN's output
 // (row stride >= D, unit column stride): it is read in place, never copied.
@@ -12,10 +17,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <vector>
 
 #include "buffer_pool.h"
 #include "isa/cpu_features.h"
@@ -43,8 +51,18 @@ void check_same(const char* name, const char* what, const at::Tensor& a, const a
               "shape, dtype and device");
 }
 
-using FwdF32 = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t);
-using BwdF32 = void (*)(const float*, const float*, const float*, float*, float*, int64_t, int64_t);
+void check_bias(const char* name, const std::optional<at::Tensor>& bias, const at::Tensor& x) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(2) && bias->is_contiguous() &&
+                  bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+              "lct: ", name, ": bias must be a contiguous (D,) = (", x.size(2),
+              ",) tensor of x's dtype and device");
+}
+
+using FwdF32 = void (*)(const float*, const float*, const float*, const float*, float*, int64_t,
+                        int64_t);
+using BwdF32 = void (*)(const float*, const float*, const float*, const float*, float*, float*,
+                        float*, int64_t, int64_t);
 
 FwdF32 fwd_f32() { return use_avx2() ? &avx2::gated_residual_fwd_f32 : &base::gated_residual_fwd_f32; }
 BwdF32 bwd_f32() { return use_avx2() ? &avx2::gated_residual_bwd_f32 : &base::gated_residual_bwd_f32; }
@@ -52,9 +70,11 @@ BwdF32 bwd_f32() { return use_avx2() ? &avx2::gated_residual_bwd_f32 : &base::ga
 template <typename T> const float* as_f(const T* p) { return reinterpret_cast<const float*>(p); }
 template <typename T> float* as_f(T* p) { return reinterpret_cast<float*>(p); }
 
-at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
+at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y,
+                                  const std::optional<at::Tensor>& bias) {
   check_gated("gated_residual_fwd", x, gate);
   check_same("gated_residual_fwd", "y", y, x);
+  check_bias("gated_residual_fwd", bias, x);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   at::Tensor out = pooled_empty({B, T, D}, x.options());
   if (out.numel() == 0) return out;
@@ -63,18 +83,22 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, c
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = gate.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const FwdF32 rows = fwd_f32();
     parallel_tasks(B, T * D, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * T * D;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          rows(as_f(xp + o), as_f(gp + b * gs), as_f(yp + o), as_f(op + o), T, D);
+          rows(as_f(xp + o), as_f(gp + b * gs), as_f(yp + o), bp ? as_f(bp) : nullptr,
+               as_f(op + o), T, D);
         } else {
-          for (int64_t i = 0; i < T * D; ++i)
+          for (int64_t i = 0; i < T * D; ++i) {
+            const int64_t j = i % D;
+            const float yv = static_cast<float>(yp[o + i]) + (bp ? static_cast<float>(bp[j]) : 0.f);
             op[o + i] = static_cast<scalar_t>(static_cast<float>(xp[o + i]) +
-                                              static_cast<float>(gp[b * gs + i % D]) *
-                                                  static_cast<float>(yp[o + i]));
+                                              static_cast<float>(gp[b * gs + j]) * yv);
+          }
         }
       }
     });
@@ -82,24 +106,28 @@ at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& gate, c
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& dout,
-                                                          const at::Tensor& gate,
-                                                          const at::Tensor& y, bool need_dgate,
-                                                          bool need_dy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& y,
+    const std::optional<at::Tensor>& bias, bool need_dgate, bool need_dy, bool need_dbias) {
   check_gated("gated_residual_bwd", dout, gate);
   check_same("gated_residual_bwd", "y", y, dout);
+  check_bias("gated_residual_bwd", bias, dout);
   const int64_t B = dout.size(0), T = dout.size(1), D = dout.size(2);
   const auto f32 = dout.options().dtype(at::kFloat);
-  // dgate is float32 (the sum over tokens); zero tokens give a zero gradient
-  at::Tensor dgate = need_dgate ? at::empty({B, D}, f32) : at::empty({0}, f32);
+  // dgate and dbias are float32 (sums over tokens, and over samples); zero tokens or
+  // samples give zero gradients
+  at::Tensor dgate = need_dgate ? at::zeros({B, D}, f32) : at::empty({0}, f32);
   at::Tensor dy = need_dy ? pooled_empty({B, T, D}, dout.options()) : at::empty({0}, dout.options());
-  if (!need_dgate && !need_dy) return {dgate, dy};
-  if (B == 0 || D == 0) return {dgate, dy};
+  at::Tensor dbias = need_dbias ? at::zeros({D}, f32) : at::empty({0}, f32);
+  if (!(need_dgate || need_dy || need_dbias) || B == 0 || D == 0) return {dgate, dy, dbias};
+  // one float32 partial row of dbias per sample, combined in sample order in float64
+  std::vector<float> partial(need_dbias ? size_t(B * D) : size_t(0), 0.f);
   const int64_t gs = gate.stride(0);
   LCT_DISPATCH_KERNEL_TYPES(dout.scalar_type(), "gated_residual_bwd_cpu", [&] {
     const scalar_t* gp_out = dout.const_data_ptr<scalar_t>();
     const scalar_t* gp = gate.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dyp = need_dy ? dy.mutable_data_ptr<scalar_t>() : nullptr;
     float* dgp = need_dgate ? dgate.mutable_data_ptr<float>() : nullptr;
     const BwdF32 rows = bwd_f32();
@@ -107,24 +135,37 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& dout
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * T * D;
         float* dg = dgp ? dgp + b * D : nullptr;
+        float* db = need_dbias ? partial.data() + b * D : nullptr;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          rows(as_f(gp_out + o), as_f(gp + b * gs), as_f(yp + o), dyp ? as_f(dyp + o) : nullptr,
-               dg, T, D);
+          rows(as_f(gp_out + o), as_f(gp + b * gs), as_f(yp + o), bp ? as_f(bp) : nullptr,
+               dyp ? as_f(dyp + o) : nullptr, dg, db, T, D);
         } else {
-          if (dg) std::fill(dg, dg + D, 0.f);
           for (int64_t t = 0; t < T; ++t) {
             for (int64_t j = 0; j < D; ++j) {
               const int64_t i = o + t * D + j;
               const float g = static_cast<float>(gp_out[i]);
-              if (dyp) dyp[i] = static_cast<scalar_t>(g * static_cast<float>(gp[b * gs + j]));
-              if (dg) dg[j] += g * static_cast<float>(yp[i]);
+              const float d = g * static_cast<float>(gp[b * gs + j]);
+              if (dyp) dyp[i] = static_cast<scalar_t>(d);
+              if (db) db[j] += d;
+              if (dg) {
+                const float yv = static_cast<float>(yp[i]) + (bp ? static_cast<float>(bp[j]) : 0.f);
+                dg[j] += g * yv;
+              }
             }
           }
         }
       }
     });
   });
-  return {dgate, dy};
+  if (need_dbias) {
+    float* out = dbias.mutable_data_ptr<float>();
+    for (int64_t j = 0; j < D; ++j) {
+      double s = 0.0;  // sample order: deterministic
+      for (int64_t b = 0; b < B; ++b) s += double(partial[size_t(b * D + j)]);
+      out[j] = static_cast<float>(s);
+    }
+  }
+  return {dgate, dy, dbias};
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace lct::cpu {
@@ -29,10 +30,11 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-// --- gated residual: out = x + gate[:, None] * y ------------------------------------
-using GatedFwdFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
-using GatedBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, bool, bool);
+// --- gated residual: out = x + gate[:, None] * (y + bias) ----------------------------
+using OptT = std::optional<at::Tensor>;
+using GatedFwdFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&);
+using GatedBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, bool, bool, bool);
 
 const c10::TypedOperatorHandle<GatedFwdFn>& gated_fwd_op() {
   static const auto op = find_op<GatedFwdFn>("lct::gated_residual_fwd");
@@ -43,42 +45,49 @@ const c10::TypedOperatorHandle<GatedBwdFn>& gated_bwd_op() {
   return op;
 }
 
+// Inputs: 0 x, 1 gate, 2 y, 3 bias (optional: its needs_input_grad edge exists only when given).
 struct GatedResidualFunction : public torch::autograd::Function<GatedResidualFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gate,
-                            const at::Tensor& y) {
+                            const at::Tensor& y, const OptT& bias) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor out = gated_fwd_op().call(x, gate, y);
+    at::Tensor out = gated_fwd_op().call(x, gate, y, bias);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gate, y});
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->save_for_backward({gate, y, has_bias ? *bias : at::Tensor()});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(3);
+    variable_list out(4);
     at::Tensor dout = grads[0];
     if (!dout.defined()) return out;
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_x = ctx->needs_input_grad(0), need_gate = ctx->needs_input_grad(1),
-               need_y = ctx->needs_input_grad(2);
+               need_y = ctx->needs_input_grad(2), need_bias = has_bias && ctx->needs_input_grad(3);
     if (need_x) out[0] = dout;  // d out / d x = identity
-    if (!(need_gate || need_y)) return out;
+    if (!(need_gate || need_y || need_bias)) return out;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &gate = saved[0], &y = saved[1];
+    const at::Tensor &gate = saved[0], &y = saved[1], &bias = saved[2];
     at::Tensor g = dout.scalar_type() == y.scalar_type() ? dout : dout.to(y.scalar_type());
     if (!g.is_contiguous()) g = g.contiguous();
-    auto [dgate, dy] = gated_bwd_op().call(g, gate, y, need_gate, need_y);
+    auto [dgate, dy, dbias] = gated_bwd_op().call(g, gate, y, has_bias ? OptT(bias) : OptT(),
+                                                  need_gate, need_y, need_bias);
     if (need_gate) out[1] = dgate.scalar_type() == gate.scalar_type() ? dgate : dgate.to(gate.scalar_type());
     if (need_y) out[2] = dy;
+    if (need_bias) out[3] = dbias.scalar_type() == bias.scalar_type() ? dbias : dbias.to(bias.scalar_type());
     return out;
   }
 };
 
-at::Tensor gated_residual_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-  return GatedResidualFunction::apply(x, gate, y);
+at::Tensor gated_residual_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y,
+                                   const OptT& bias) {
+  return GatedResidualFunction::apply(x, gate, y, bias);
 }
 
 at::Tensor gated_residual_autograd_below(const at::Tensor& x, const at::Tensor& gate,
-                                         const at::Tensor& y) {
-  return gated_fwd_op().call(x, gate, y);
+                                         const at::Tensor& y, const OptT& bias) {
+  return gated_fwd_op().call(x, gate, y, bias);
 }
 
 // --- bias + GELU(tanh): y = gelu_tanh(h + bias) -------------------------------------

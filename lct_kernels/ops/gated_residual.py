@@ -1,11 +1,14 @@
 """Fused gated residual of adaLN-zero, on the CPU.
 
-    gated_residual(x, gate, y) = x + gate[:, None, :] * y
+    gated_residual(x, gate, y, bias=None) = x + gate[:, None, :] * (y + bias)
 
-x, y (B, T, D) and gate (B, D) floating -> (B, T, D) in the promoted dtype.  The
-forward is one C++ pass (``lct::gated_residual_fwd``); the backward is one pass that
-writes dy = dout * gate[:, None] and dgate = sum_t dout * y (``lct::gated_residual_bwd``,
-float32 sums over the tokens in order); dx is dout itself.  Eager training calls use
+x, y (B, T, D), gate (B, D) and bias (D,) or None floating -> (B, T, D) in the promoted
+dtype.  ``bias`` is the bias of the Linear that produced y, folded in, so that Linear
+runs as a plain GEMM (ATen's addmm copies the broadcast bias into its output first and
+the GEMM reads it back).  The forward is one C++ pass (``lct::gated_residual_fwd``); the
+backward is one pass that writes dy = dout * gate[:, None], dgate = sum_t dout * (y + bias)
+and dbias = sum_{b, t} dy (``lct::gated_residual_bwd``; float32 sums in token order per
+sample, the samples' partials combined in order in float64); dx is dout itself.  Eager training calls use
 the same kernels with the autograd node in C++ (``lct::gated_residual_autograd``).  gate may be a column slice
 of adaLN's (B, 6 D) output (``chunk``): it is read in place.  Saved for backward: gate
 and y, what eager's multiply saves too.
@@ -24,37 +27,42 @@ from .._backend import pick_backend
 from . import _fused_grad
 
 
-def gated_residual_reference(x, gate, y):
-    """x + gate[:, None, :] * y in eager PyTorch (any dtype, differentiable)."""
-    return x + gate.unsqueeze(1) * y
+def gated_residual_reference(x, gate, y, bias=None):
+    """x + gate[:, None, :] * (y + bias) in eager PyTorch (any dtype, differentiable)."""
+    return x + gate.unsqueeze(1) * (y if bias is None else y + bias)
 
 
-def _fake_fwd(x, gate, y):
+def _fake_fwd(x, gate, y, bias):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _fake_bwd(dout, gate, y, need_dgate, need_dy):
+def _fake_bwd(dout, gate, y, bias, need_dgate, need_dy, need_dbias):
     dgate = dout.new_empty((gate.shape if need_dgate else (0,)), dtype=torch.float32)
     dy = torch.empty_like(dout, memory_format=torch.contiguous_format) if need_dy else dout.new_empty((0,))
-    return dgate, dy
+    dbias = dout.new_empty(((dout.shape[2],) if need_dbias else (0,)), dtype=torch.float32)
+    return dgate, dy, dbias
 
 
 def _setup(ctx, inputs, output):
-    x, gate, y = inputs
-    ctx.save_for_backward(gate, y)
+    x, gate, y, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(gate, y, *((bias,) if bias is not None else ()))
 
 
 def _backward(ctx, dout):
-    gate, y = ctx.saved_tensors
+    gate, y, *rest = ctx.saved_tensors
+    bias = rest[0] if ctx.has_bias else None
     need_dx, need_dgate, need_dy = ctx.needs_input_grad[:3]
+    need_dbias = ctx.has_bias and ctx.needs_input_grad[3]
     if dout is None:
-        return None, None, None
+        return None, None, None, None
     dx = dout if need_dx else None
-    if not (need_dgate or need_dy):
-        return dx, None, None
-    dgate, dy = torch.ops.lct.gated_residual_bwd(dout.contiguous().to(y.dtype), gate, y,
-                                                 need_dgate, need_dy)
-    return dx, (dgate.to(gate.dtype) if need_dgate else None), (dy if need_dy else None)
+    if not (need_dgate or need_dy or need_dbias):
+        return dx, None, None, None
+    dgate, dy, dbias = torch.ops.lct.gated_residual_bwd(dout.contiguous().to(y.dtype), gate, y,
+                                                        bias, need_dgate, need_dy, need_dbias)
+    return (dx, (dgate.to(gate.dtype) if need_dgate else None), (dy if need_dy else None),
+            (dbias.to(bias.dtype) if need_dbias else None))
 
 
 _FWD = None
@@ -68,9 +76,10 @@ _CPP_AUTOGRAD = (torch.ops.lct.gated_residual_autograd.default
                  if hasattr(torch.ops.lct, "gated_residual_autograd") else None)
 
 
-def _check(x, gate, y):
+def _check(x, gate, y, bias):
     fn = "gated_residual"
-    for name, t in (("x", x), ("gate", gate), ("y", y)):
+    named = (("x", x), ("gate", gate), ("y", y)) + ((("bias", bias),) if bias is not None else ())
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
@@ -82,29 +91,36 @@ def _check(x, gate, y):
     if gate.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"{fn}: gate must be (B, D) = ({x.shape[0]}, {x.shape[2]}), got "
                          f"{tuple(gate.shape)}")
-    if not (x.device == gate.device == y.device):
-        raise ValueError(f"{fn}: x, gate and y must be on one device, got {x.device}, "
-                         f"{gate.device} and {y.device}")
+    if bias is not None and bias.shape != (x.shape[2],):
+        raise ValueError(f"{fn}: bias must be (D,) = ({x.shape[2]},), got {tuple(bias.shape)}")
+    if not (x.device == gate.device == y.device) or (bias is not None and bias.device != x.device):
+        raise ValueError(f"{fn}: x, gate, y and bias must be on one device, got {x.device}, "
+                         f"{gate.device}, {y.device}"
+                         + (f" and {bias.device}" if bias is not None else ""))
 
 
-def gated_residual(x, gate, y, backend=None):
-    """``x + gate[:, None, :] * y`` (adaLN-zero's residual update) in one fused CPU pass,
-    and one pass in the backward.
+def gated_residual(x, gate, y, bias=None, backend=None):
+    """``x + gate[:, None, :] * (y + bias)`` (adaLN-zero's residual update, with the bias
+    of the Linear that produced y folded in) in one fused CPU pass, and one pass in the
+    backward.
 
-    x (B, T, D), gate (B, D), y (B, T, D) floating -> (B, T, D) in the dtype type
-    promotion gives (all three are cast to it).  ``backend``: None (auto: the C++
-    kernel for CPU float32/bfloat16/float16, torch otherwise), "cpu" or "torch".
+    x (B, T, D), gate (B, D), y (B, T, D), bias (D,) or None, floating -> (B, T, D) in
+    the dtype type promotion gives (all are cast to it).  ``backend``: None (auto: the
+    C++ kernel for CPU float32/bfloat16/float16, torch otherwise), "cpu" or "torch".
     float64 runs the reference."""
-    _check(x, gate, y)
-    if not (x.dtype == gate.dtype == y.dtype):
+    _check(x, gate, y, bias)
+    if not (x.dtype == gate.dtype == y.dtype) or (bias is not None and bias.dtype != x.dtype):
         dtype = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
+        if bias is not None:
+            dtype = torch.promote_types(dtype, bias.dtype)
         x, gate, y = x.to(dtype), gate.to(dtype), y.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     chosen = pick_backend("gated_residual", "gated_residual", x, backend)
     if chosen == "torch" or _FWD is None:
-        return gated_residual_reference(x, gate, y)
+        return gated_residual_reference(x, gate, y, bias)
     if gate.shape[1] > 1 and gate.stride(1) != 1:
         gate = gate.contiguous()
-    args = (x.contiguous(), gate, y.contiguous())
+    args = (x.contiguous(), gate, y.contiguous(), None if bias is None else bias.contiguous())
     if _CPP_AUTOGRAD is not None and _fused_grad.eager_call(*args):
         # eager call (any grad mode): the autograd node in C++ (csrc/cpu/pointwise_autograd.cpp),
         # no Python in the backward

@@ -141,7 +141,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, fold_bias=False):
+        """``fold_bias``: return the output projection without its bias (the caller
+        adds ``self.proj.bias``); only valid where the dropout after it is inactive."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
@@ -151,7 +153,10 @@ class Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         drop = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
+        out = out.transpose(1, 2).reshape(B, T, D)
+        if fold_bias:  # the caller adds proj's bias (no dropout to apply after it)
+            return F.linear(out, self.proj.weight)
+        return self.proj_drop(self.proj(out))
 
 
 class Mlp(nn.Module):
@@ -168,11 +173,15 @@ class Mlp(nn.Module):
         self.fused = bool(fused)
         self.backend = backend
 
-    def forward(self, x):
+    def forward(self, x, fold_bias=False):
+        """``fold_bias``: return fc2's output without its bias (the caller adds
+        ``self.fc2.bias``); only valid where the dropout after it is inactive."""
         if self.fused:
             h = _gelu.linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend)
         else:
             h = F.gelu(self.fc1(x), approximate="tanh")
+        if fold_bias:
+            return F.linear(self.drop(h), self.fc2.weight)
         return self.drop(self.fc2(self.drop(h)))
 
 
@@ -188,13 +197,23 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.fused = bool(fused)
         self.backend = backend
+        self.dropout = dropout
 
     def forward(self, x, c):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, 1)
-        if self.fused:  # x + gate[:, None] * y in one pass (and one in the backward)
-            x = _gated.gated_residual(x, gate_a, self.attn(self.norm1(x, shift_a, scale_a)),
+        if self.fused:
+            # x + gate[:, None] * (y + b) in one pass (and one in the backward), with the
+            # bias b of the Linear producing y folded in on the CPU, so that Linear is a
+            # plain GEMM (CPU addmm's bias broadcast costs two passes over its output;
+            # CUDA's GEMM epilogue adds it for free, and CUDA runs the eager formula);
+            # not where a dropout follows that Linear in training
+            fold = (x.is_cpu and self.backend != "torch"
+                    and not (self.training and self.dropout > 0))
+            y = self.attn(self.norm1(x, shift_a, scale_a), fold_bias=fold)
+            x = _gated.gated_residual(x, gate_a, y, self.attn.proj.bias if fold else None,
                                       backend=self.backend)
-            return _gated.gated_residual(x, gate_m, self.mlp(self.norm2(x, shift_m, scale_m)),
+            y = self.mlp(self.norm2(x, shift_m, scale_m), fold_bias=fold)
+            return _gated.gated_residual(x, gate_m, y, self.mlp.fc2.bias if fold else None,
                                          backend=self.backend)
         x = x + gate_a[:, None] * self.attn(self.norm1(x, shift_a, scale_a))
         return x + gate_m[:, None] * self.mlp(self.norm2(x, shift_m, scale_m))

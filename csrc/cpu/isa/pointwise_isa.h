@@ -34,13 +34,15 @@ struct RAdamCoefs {
   /* dbias != nullptr (float32 accumulation over the rows given); dh may be nullptr.  */   \
   void bias_gelu_bwd_rows_f32(const float* dy, const float* h, const float* bias,          \
                               float* dh, float* dbias, int64_t N, int64_t r0, int64_t r1);  \
-  /* out[t, j] = x[t, j] + gate[j] y[t, j] over one sample's (T, D) rows */               \
-  void gated_residual_fwd_f32(const float* x, const float* gate, const float* y, float* out, \
-                              int64_t T, int64_t D);                                        \
-  /* dy[t, j] = dout[t, j] gate[j] (dy may be nullptr); dgate[j] = sum_t dout y (t in */   \
-  /* order, overwritten; dgate may be nullptr) over one sample's (T, D) rows */            \
+  /* out[t, j] = x[t, j] + gate[j] (y[t, j] + bias[j]) over one sample's (T, D) rows; */  \
+  /* bias may be nullptr (zero) */                                                         \
+  void gated_residual_fwd_f32(const float* x, const float* gate, const float* y,            \
+                              const float* bias, float* out, int64_t T, int64_t D);         \
+  /* dy[t, j] = dout[t, j] gate[j]; dgate[j] = sum_t dout (y + bias); dbias[j] = sum_t dy */\
+  /* (t in order, overwritten); dy, dgate, dbias and bias may each be nullptr */            \
   void gated_residual_bwd_f32(const float* dout, const float* gate, const float* y,         \
-                              float* dy, float* dgate, int64_t T, int64_t D);               \
+                              const float* bias, float* dy, float* dgate, float* dbias,     \
+                              int64_t T, int64_t D);                                        \
   /* One RAdam (+ EMA) update of n contiguous float32 elements, in place. */               \
   void radam_span_f32(const RAdamCoefs& c, float* param, const float* grad, float* exp_avg, \
                       float* exp_avg_sq, float* ema, int64_t n);                            \
