@@ -237,8 +237,9 @@ def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_effic
     if chosen == "torch" or M == 0:
         y2 = layer_norm_reference(x2, weight, bias, shift, scale, eps, group_rows)
         return y2 if flat else y2.reshape(x.shape)
-    args = (x2, _f32(weight), _f32(bias), _f32(shift), _f32(scale), float(eps), group_rows,
-            bool(memory_efficient))
+    args = (x2, weight if weight is None else _f32(weight), bias if bias is None else _f32(bias),
+            shift if shift is None else _f32(shift), scale if scale is None else _f32(scale),
+            float(eps), group_rows, bool(memory_efficient))
     if chosen == "cpu" and _CPP_AUTOGRAD is not None and _fused_grad.eager_call(*args):
         # eager call on CPU: the autograd node in C++ (see
         # csrc/cpu/layer_norm_autograd.cpp), no Python in the backward, and under

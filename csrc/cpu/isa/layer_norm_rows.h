@@ -100,6 +100,65 @@ void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, 
   if (a.stream) store_fence();
 }
 
+#if defined(LCT_ISA_AVX2)
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// The backward of rows [r0, r1) for short rows, D = 8 NV (the qk-norm's head_dim 32 or
+// 64): the partials p1, p2 and the row's operands stay in registers across the rows,
+// where the generic loop stores and reloads p1[j], p2[j] for every row (a
+// store-to-load chain per row).  Same formula and float32 row sums as the generic loop.
+template <int NV>
+void bwd_rows_short(const LayerNormBwdArgs& a, int64_t r0, int64_t r1, float* p1, float* p2,
+                    const float* gain, const float* bsub) {
+  constexpr int64_t D = 8 * NV;
+  __m256 P1[NV], P2[NV], G[NV], S[NV];
+  for (int v = 0; v < NV; ++v) {
+    P1[v] = _mm256_loadu_ps(p1 + 8 * v);
+    P2[v] = _mm256_loadu_ps(p2 + 8 * v);
+    G[v] = _mm256_loadu_ps(gain + 8 * v);
+    S[v] = _mm256_loadu_ps(bsub + 8 * v);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* dyi = a.dy + r * a.dy_stride;
+    const float* xi = a.xy + r * a.xy_stride;
+    const float rs = a.rstd[r];
+    const __m256 mu = _mm256_set1_ps(a.xy_is_y ? 0.f : a.mean[r]);
+    const __m256 xs = _mm256_set1_ps(a.xy_is_y ? 1.f : rs);
+    __m256 d[NV], xh[NV], gz[NV];
+    __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      d[v] = _mm256_loadu_ps(dyi + 8 * v);
+      xh[v] = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xi + 8 * v), mu), xs), S[v]);
+      gz[v] = _mm256_mul_ps(d[v], G[v]);
+      a1 = _mm256_add_ps(a1, gz[v]);
+      a2 = _mm256_fmadd_ps(gz[v], xh[v], a2);
+      P1[v] = _mm256_add_ps(P1[v], d[v]);
+      P2[v] = _mm256_fmadd_ps(d[v], xh[v], P2[v]);
+    }
+    if (a.dx == nullptr) continue;
+    const __m256 c1 = _mm256_set1_ps(static_cast<float>(double(hsum8(a1)) / double(D)));
+    const __m256 c2 = _mm256_set1_ps(static_cast<float>(double(hsum8(a2)) / double(D)));
+    const __m256 rv = _mm256_set1_ps(rs);
+    float* out = a.dx + r * D;
+    for (int v = 0; v < NV; ++v) {
+      const __m256 o = _mm256_mul_ps(rv, _mm256_sub_ps(_mm256_sub_ps(gz[v], c1), _mm256_mul_ps(xh[v], c2)));
+      if (a.stream) _mm256_stream_ps(out + 8 * v, o);
+      else _mm256_storeu_ps(out + 8 * v, o);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    _mm256_storeu_ps(p1 + 8 * v, P1[v]);
+    _mm256_storeu_ps(p2 + 8 * v, P2[v]);
+  }
+  if (a.stream) store_fence();
+}
+#endif
+
 void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1, float* p2,
                              float* gain, float* scratch) {
   const int64_t D = a.D;
@@ -110,6 +169,16 @@ void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1,
   for (int64_t j = 0; j < D; ++j) gain[j] = (1.f + sc[j]) * a.weight[j];  // dxhat = dy * gain
   // xhat = (x - mu) * xs - bsub: (x - mean) * rstd, or y - bias in the memory-saving mode.
   const float* bsub = a.xy_is_y ? a.bias : a.zeros;
+#if defined(LCT_ISA_AVX2)
+  // streamed stores need 32-byte aligned rows: the dx buffer's base (rows are 32 D bytes)
+  const bool aligned = a.dx == nullptr || (reinterpret_cast<uintptr_t>(a.dx) % 32) == 0;
+  if (aligned && (D == 32 || D == 64 || D == 16)) {
+    if (D == 16) bwd_rows_short<2>(a, r0, r1, p1, p2, gain, bsub);
+    else if (D == 32) bwd_rows_short<4>(a, r0, r1, p1, p2, gain, bsub);
+    else bwd_rows_short<8>(a, r0, r1, p1, p2, gain, bsub);
+    return;
+  }
+#endif
   for (int64_t r = r0; r < r1; ++r) {
     const float* dyi = a.dy + r * a.dy_stride;
     const float* xi = a.xy + r * a.xy_stride;

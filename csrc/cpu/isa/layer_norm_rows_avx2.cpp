@@ -3,6 +3,8 @@
 // compiles to the baseline code and is never selected.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx2,fma")
+// the pragma enables the AVX2/FMA intrinsics but does not define __AVX2__/__FMA__
+#define LCT_ISA_AVX2 1
 #endif
 #define LCT_ISA avx2
 #include "layer_norm_rows.h"
