@@ -137,12 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy, const
   });
   if (!need_dbias) return {dh, at::empty({0}, f32)};
   at::Tensor dbias = at::empty({N}, f32);
-  float* out = dbias.mutable_data_ptr<float>();
-  for (int64_t j = 0; j < N; ++j) {
-    double s = 0.0;  // block order: deterministic
-    for (int64_t blk = 0; blk < blocks; ++blk) s += double(partial[size_t(blk * N + j)]);
-    out[j] = static_cast<float>(s);
-  }
+  sum_partials_in_order(partial.data(), blocks, N, dbias.mutable_data_ptr<float>());
   return {dh, dbias};
 }
 

@@ -116,12 +116,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(
   const auto f32 = dout.options().dtype(at::kFloat);
   // dgate and dbias are float32 (sums over tokens, and over samples); zero tokens or
   // samples give zero gradients
-  at::Tensor dgate = need_dgate ? at::zeros({B, D}, f32) : at::empty({0}, f32);
+  at::Tensor dgate = need_dgate ? at::empty({B, D}, f32) : at::empty({0}, f32);
   at::Tensor dy = need_dy ? pooled_empty({B, T, D}, dout.options()) : at::empty({0}, dout.options());
   at::Tensor dbias = need_dbias ? at::zeros({D}, f32) : at::empty({0}, f32);
   if (!(need_dgate || need_dy || need_dbias) || B == 0 || D == 0) return {dgate, dy, dbias};
-  // one float32 partial row of dbias per sample, combined in sample order in float64
-  std::vector<float> partial(need_dbias ? size_t(B * D) : size_t(0), 0.f);
+  // one float32 partial row of dbias per sample, written by that sample's task and
+  // combined in sample order in float64 (dgate's rows likewise: each task zeroes its own)
+  std::vector<float> partial(need_dbias ? size_t(B * D) : size_t(0));
   const int64_t gs = gate.stride(0);
   LCT_DISPATCH_KERNEL_TYPES(dout.scalar_type(), "gated_residual_bwd_cpu", [&] {
     const scalar_t* gp_out = dout.const_data_ptr<scalar_t>();
@@ -140,6 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(
           rows(as_f(gp_out + o), as_f(gp + b * gs), as_f(yp + o), bp ? as_f(bp) : nullptr,
                dyp ? as_f(dyp + o) : nullptr, dg, db, T, D);
         } else {
+          if (dg) std::fill(dg, dg + D, 0.f);
+          if (db) std::fill(db, db + D, 0.f);
           for (int64_t t = 0; t < T; ++t) {
             for (int64_t j = 0; j < D; ++j) {
               const int64_t i = o + t * D + j;
@@ -157,14 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(
       }
     });
   });
-  if (need_dbias) {
-    float* out = dbias.mutable_data_ptr<float>();
-    for (int64_t j = 0; j < D; ++j) {
-      double s = 0.0;  // sample order: deterministic
-      for (int64_t b = 0; b < B; ++b) s += double(partial[size_t(b * D + j)]);
-      out[j] = static_cast<float>(s);
-    }
-  }
+  if (need_dbias) sum_partials_in_order(partial.data(), B, D, dbias.mutable_data_ptr<float>());
   return {dgate, dy, dbias};
 }
 

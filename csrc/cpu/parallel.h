@@ -63,4 +63,15 @@ void parallel_tasks(int64_t tasks, int64_t elems_per_task, const F& f) {
   at::parallel_for(0, tasks, (tasks + nt - 1) / nt, f);
 }
 
+// out[j] = sum over p in [0, parts) of partial[p * n + j], added in p order in float64
+// and rounded once: how the kernels combine per-task float32 partials (bias and
+// gate gradients) so that the result does not depend on which thread made which.
+inline void sum_partials_in_order(const float* partial, int64_t parts, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    double s = 0.0;
+    for (int64_t p = 0; p < parts; ++p) s += double(partial[p * n + j]);
+    out[j] = static_cast<float>(s);
+  }
+}
+
 }  // namespace lct::cpu

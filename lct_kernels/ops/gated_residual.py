@@ -5,13 +5,13 @@
 x, y (B, T, D), gate (B, D) and bias (D,) or None floating -> (B, T, D) in the promoted
 dtype.  ``bias`` is the bias of the Linear that produced y, folded in, so that Linear
 runs as a plain GEMM (ATen's addmm copies the broadcast bias into its output first and
-the GEMM reads it back).  The forward is one C++ pass (``lct::gated_residual_fwd``); the
-backward is one pass that writes dy = dout * gate[:, None], dgate = sum_t dout * (y + bias)
-and dbias = sum_{b, t} dy (``lct::gated_residual_bwd``; float32 sums in token order per
-sample, the samples' partials combined in order in float64); dx is dout itself.  Eager training calls use
-the same kernels with the autograd node in C++ (``lct::gated_residual_autograd``).  gate may be a column slice
-of adaLN's (B, 6 D) output (``chunk``): it is read in place.  Saved for backward: gate
-and y, what eager's multiply saves too.
+the GEMM reads it back).  The forward is one C++ pass (``lct::gated_residual_fwd``);
+the backward is one pass that writes dy = dout * gate[:, None], dgate = sum_t dout *
+(y + bias) and dbias = sum_{b, t} dy (``lct::gated_residual_bwd``; float32 sums in token
+order per sample, the samples' partials combined in order in float64); dx is dout
+itself.  Eager calls use the same kernels with the autograd node in C++
+(``lct::gated_residual_autograd``).  gate may be a column slice of adaLN's (B, 6 D)
+output (``chunk``): it is read in place.  Saved for backward: gate, y and bias.
 
 Why a kernel: a DiT block makes this update twice per block.  Eagerly it is a multiply
 into a temporary and an add (the backward: two multiplies and a sum over tokens), five
@@ -23,6 +23,7 @@ passes and three allocations where the fused op makes two passes; at the demo's
 
 import torch
 
+from .. import _validate as V
 from .._backend import pick_backend
 from . import _fused_grad
 
@@ -93,10 +94,8 @@ def _check(x, gate, y, bias):
                          f"{tuple(gate.shape)}")
     if bias is not None and bias.shape != (x.shape[2],):
         raise ValueError(f"{fn}: bias must be (D,) = ({x.shape[2]},), got {tuple(bias.shape)}")
-    if not (x.device == gate.device == y.device) or (bias is not None and bias.device != x.device):
-        raise ValueError(f"{fn}: x, gate, y and bias must be on one device, got {x.device}, "
-                         f"{gate.device}, {y.device}"
-                         + (f" and {bias.device}" if bias is not None else ""))
+    for name, t in named[1:]:
+        V.same_device(fn, "x", x, name, t)
 
 
 def gated_residual(x, gate, y, bias=None, backend=None):

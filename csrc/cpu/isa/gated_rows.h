@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx2_lanes.h"
 #include "pointwise_isa.h"
 
 #ifndef LCT_ISA
@@ -27,32 +28,6 @@
 #endif
 
 namespace lct::cpu::LCT_ISA {
-namespace {
-
-#if defined(LCT_ISA_AVX2)
-inline __m256i tail_mask(int64_t n) {  // lanes [0, n) set, n in [0, 8)
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
-}
-
-// 8 lanes (or the n < 8 of a tail, the rest zero) at p
-struct Lanes {
-  bool full;
-  __m256i mask;
-  __m256 load(const float* p) const { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); }
-  void store(float* p, __m256 v) const {
-    if (full) _mm256_storeu_ps(p, v);
-    else _mm256_maskstore_ps(p, mask, v);
-  }
-};
-
-inline Lanes lanes_at(int64_t j, int64_t D) {
-  const int64_t n = D - j;
-  return {n >= 8, tail_mask(n < 8 ? n : 0)};
-}
-#endif
-
-}  // namespace
 
 void gated_residual_fwd_f32(const float* x, const float* gate, const float* y, const float* bias,
                             float* out, int64_t T, int64_t D) {

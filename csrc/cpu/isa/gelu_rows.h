@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx2_lanes.h"
 #include "pointwise_isa.h"
 
 #ifndef LCT_ISA
@@ -95,11 +96,6 @@ inline GeluTerms8 gelu_terms8(__m256 u) {
   s = _mm256_andnot_ps(_mm256_cmp_ps(a, _mm256_set1_ps(88.f), _CMP_GT_OQ), s);
   return {s, uc, u2};
 }
-
-inline __m256i tail_mask(int64_t n) {  // lanes [0, n) set, n in [0, 8)
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
-}
 #endif
 
 }  // namespace
@@ -113,15 +109,9 @@ void bias_gelu_fwd_rows_f32(const float* h, const float* bias, float* y, int64_t
     // every element through the vector path (the tail masked), so an element's value
     // never depends on where a row ends
     for (int64_t j = 0; j < N; j += 8) {
-      const int64_t n = N - j;
-      const __m256i m = tail_mask(n < 8 ? n : 0);
-      const bool full = n >= 8;
-      const __m256 hv = full ? _mm256_loadu_ps(hr + j) : _mm256_maskload_ps(hr + j, m);
-      const __m256 bv = full ? _mm256_loadu_ps(bias + j) : _mm256_maskload_ps(bias + j, m);
-      const __m256 u = _mm256_add_ps(hv, bv);
-      const __m256 out = _mm256_mul_ps(u, gelu_terms8(u).s);
-      if (full) _mm256_storeu_ps(yr + j, out);
-      else _mm256_maskstore_ps(yr + j, m, out);
+      const Lanes l = lanes_at(j, N);
+      const __m256 u = _mm256_add_ps(l.load(hr + j), l.load(bias + j));
+      l.store(yr + j, _mm256_mul_ps(u, gelu_terms8(u).s));
     }
 #else
     for (int64_t j = 0; j < N; ++j) yr[j] = gelu_scalar(hr[j] + bias[j]);
@@ -139,27 +129,15 @@ void bias_gelu_bwd_rows_f32(const float* dy, const float* h, const float* bias, 
     const __m256 two_k0 = _mm256_set1_ps(2.f * kK0), three_k1 = _mm256_set1_ps(3.f * kK1);
     const __m256 one = _mm256_set1_ps(1.f);
     for (int64_t j = 0; j < N; j += 8) {
-      const int64_t n = N - j;
-      const __m256i m = tail_mask(n < 8 ? n : 0);
-      const bool full = n >= 8;
-      const __m256 hv = full ? _mm256_loadu_ps(hr + j) : _mm256_maskload_ps(hr + j, m);
-      const __m256 bv = full ? _mm256_loadu_ps(bias + j) : _mm256_maskload_ps(bias + j, m);
-      const __m256 gv = full ? _mm256_loadu_ps(gr + j) : _mm256_maskload_ps(gr + j, m);
-      const GeluTerms8 t = gelu_terms8(_mm256_add_ps(hv, bv));
+      const Lanes l = lanes_at(j, N);
+      const __m256 gv = l.load(gr + j);
+      const GeluTerms8 t = gelu_terms8(_mm256_add_ps(l.load(hr + j), l.load(bias + j)));
       const __m256 ds = _mm256_mul_ps(t.s, _mm256_sub_ps(one, t.s));
       const __m256 dz = _mm256_mul_ps(two_k0, _mm256_fmadd_ps(three_k1, t.u2, one));
       const __m256 d = _mm256_add_ps(t.s, _mm256_mul_ps(_mm256_mul_ps(t.uc, ds), dz));
       const __m256 out = _mm256_mul_ps(gv, d);
-      if (dr) {
-        if (full) _mm256_storeu_ps(dr + j, out);
-        else _mm256_maskstore_ps(dr + j, m, out);
-      }
-      if (dbias) {
-        const __m256 acc = full ? _mm256_loadu_ps(dbias + j) : _mm256_maskload_ps(dbias + j, m);
-        const __m256 sum = _mm256_add_ps(acc, out);
-        if (full) _mm256_storeu_ps(dbias + j, sum);
-        else _mm256_maskstore_ps(dbias + j, m, sum);
-      }
+      if (dr) l.store(dr + j, out);
+      if (dbias) l.store(dbias + j, _mm256_add_ps(l.load(dbias + j), out));
     }
 #else
     for (int64_t j = 0; j < N; ++j) {

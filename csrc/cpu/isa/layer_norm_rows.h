@@ -170,9 +170,10 @@ void layer_norm_bwd_task_f32(const LayerNormBwdArgs& a, int64_t task, float* p1,
   // xhat = (x - mu) * xs - bsub: (x - mean) * rstd, or y - bias in the memory-saving mode.
   const float* bsub = a.xy_is_y ? a.bias : a.zeros;
 #if defined(LCT_ISA_AVX2)
-  // streamed stores need 32-byte aligned rows: the dx buffer's base (rows are 32 D bytes)
-  const bool aligned = a.dx == nullptr || (reinterpret_cast<uintptr_t>(a.dx) % 32) == 0;
-  if (aligned && (D == 32 || D == 64 || D == 16)) {
+  // streamed stores need 32-byte aligned rows: the dx buffer's base (rows are 4 D bytes,
+  // a multiple of 32 here)
+  const bool stream_ok = !a.stream || a.dx == nullptr || (reinterpret_cast<uintptr_t>(a.dx) % 32) == 0;
+  if (stream_ok && (D == 16 || D == 32 || D == 64)) {
     if (D == 16) bwd_rows_short<2>(a, r0, r1, p1, p2, gain, bsub);
     else if (D == 32) bwd_rows_short<4>(a, r0, r1, p1, p2, gain, bsub);
     else bwd_rows_short<8>(a, r0, r1, p1, p2, gain, bsub);
