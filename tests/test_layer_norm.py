@@ -273,3 +273,45 @@ def test_cpu_isa_variants_agree_with_float64(monkeypatch, isa):
     x64 = x.detach().double().requires_grad_()
     (rdx,) = grads(nsln64(x64, D, bias), (x64,), gy.double())
     torch.testing.assert_close(dx.double(), rdx, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU extension not built")
+@pytest.mark.parametrize("isa", ["base", "auto"])
+@pytest.mark.parametrize("D", [16, 24, 32, 64])
+@pytest.mark.parametrize("case", ["plain", "groups", "row_strided", "memory_efficient", "streamed"])
+def test_short_rows_against_float64(monkeypatch, isa, D, case):
+    """The qk-norm's head_dim rows (D = 16, 32, 64 take register-resident AVX2 kernels,
+    forward in blocks of 16 rows; D = 24 the generic loop): row counts that are not a
+    multiple of the block, group (modulation) boundaries inside a block, a row stride
+    wider than D, the y-saving backward, and outputs big enough (>= 4 MiB) for
+    non-temporal stores all match the float64 definition."""
+    if isa == "base":
+        monkeypatch.setenv("LCT_CPU_ISA", "base")
+    M = {"streamed": (4 << 20) // (4 * D) + 5}.get(case, 37)
+    if case == "groups":  # 3 tokens per sample: boundaries fall mid-block
+        B, T = 13, 3
+        x = torch.randn(B, T, D, requires_grad=True)
+        shift = torch.randn(B, D, requires_grad=True)
+        scale = torch.randn(B, D, requires_grad=True)
+        bias = torch.randn(D, requires_grad=True)
+        y = L.nsln_modulate(x, shift, scale, bias, backend="cpu")
+        inputs = (x, shift, scale, bias)
+        in64 = tuple(t.detach().double().requires_grad_() for t in inputs)
+        ref = modulate64(*in64)
+    else:
+        wide = torch.randn(M, D + 8 if case == "row_strided" else D) * 2 + 0.5
+        leaf = wide.requires_grad_()
+        x = leaf[:, :D]
+        bias = torch.randn(D, requires_grad=True)
+        y = L.non_scaling_layer_norm(x, D, bias, backend="cpu",
+                                     memory_efficient=case == "memory_efficient")
+        inputs = (leaf, bias)
+        in64 = tuple(t.detach().double().requires_grad_() for t in inputs)
+        ref = nsln64(in64[0][:, :D], D, in64[1])
+    gy = torch.randn(y.shape)
+    got = grads(y, inputs, gy)
+    want = grads(ref, in64, gy.double())
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        tol = 1e-4 * max(1.0, b.abs().max().item() / 100)  # d bias sums M rows
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=tol)

@@ -18,6 +18,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -221,8 +222,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const int64_t M = dy.size(0), D = dy.size(1), G = M / group_rows;
   const auto f32 = dy.options().dtype(at::kFloat);
   at::Tensor dx = need_dx ? pooled_empty({M, D}, dy.options()) : at::empty({0}, dy.options());
-  at::Tensor p1 = at::zeros({need_partials ? G : 0, D}, f32);
-  at::Tensor p2 = at::zeros({need_partials ? G : 0, D}, f32);
+  // zeroed here, not by at::zeros (two more dispatcher calls; the kernel accumulates
+  // into them)
+  at::Tensor p1 = at::empty({need_partials ? G : 0, D}, f32);
+  at::Tensor p2 = at::empty({need_partials ? G : 0, D}, f32);
+  std::fill_n(p1.mutable_data_ptr<float>(), p1.numel(), 0.f);
+  std::fill_n(p2.mutable_data_ptr<float>(), p2.numel(), 0.f);
   if (M == 0 || !(need_dx || need_partials)) return {dx, p1, p2};
   const Params prm(weight, bias, D);
   const float* sc = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;

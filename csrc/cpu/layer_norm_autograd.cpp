@@ -98,7 +98,10 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     if (need_x) out[0] = dx;
     if (need_partials) {
       // sum_g (1 + scale_g) p_g, or the plain sum without a modulation
+      // (one group without a modulation: p's only row, as a view; a reduction here cost
+      // more than the whole backward kernel at the qk-norm's sizes)
       auto over_groups = [&](const at::Tensor& p) {
+        if (!scale.defined() && p.size(0) == 1) return p.view({p.size(1)});
         return (scale.defined() ? (scale + 1) * p : p).sum(0);
       };
       if (need_w) out[1] = over_groups(p2);

@@ -174,7 +174,9 @@ def fused_ops(backend):
 # Validation and dispatch
 # ----------------------------------------------------------------------------
 def _normalized_size(fn, x, normalized_shape):
-    # the modules' case first: a 1-tuple of int matching x's last dimension
+    # the modules' case first: a 1-tuple of int matching x's last dimension (or the int)
+    if type(normalized_shape) is int and x.dim() >= 1 and x.shape[-1] == normalized_shape:
+        return (normalized_shape,), normalized_shape
     if (type(normalized_shape) is tuple and len(normalized_shape) == 1
             and type(normalized_shape[0]) is int and x.dim() >= 1
             and x.shape[-1] == normalized_shape[0]):
@@ -232,7 +234,10 @@ def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_effic
     group_rows = M // shift.shape[0] if shift is not None and shift.shape[0] else max(M, 1)
     # no reshape (an autograd view node each way) when x already is (M, D)
     flat = x.dim() == 2 and x.shape[1] == D
-    x2 = V.rows(x if flat else x.reshape(M, D)) if M else x.reshape(0, D)
+    if flat and (D == 1 or x.stride(1) == 1):  # already (M, D) rows (V.rows' answer)
+        x2 = x
+    else:
+        x2 = V.rows(x if flat else x.reshape(M, D)) if M else x.reshape(0, D)
     chosen = pick_backend(fn, "layer_norm", x, backend)
     if chosen == "torch" or M == 0:
         y2 = layer_norm_reference(x2, weight, bias, shift, scale, eps, group_rows)

@@ -59,8 +59,89 @@ inline void store_fence() {
 
 }  // namespace
 
+#if defined(LCT_ISA_AVX2)
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// The forward of rows [r0, r1) for short rows, D = 8 NV (the qk-norm's head_dim 16, 32
+// or 64).  At D = 32 the generic loop below spends most of a row on two things that do
+// not depend on D: its vectorised row sums leave through the stack, one scalar add per
+// lane, and each row waits on its own float64 square root and division (about 40
+// cycles of latency).  Here a row stays in registers, its sums reduce in registers, and
+// the square roots and divisions of a block of 16 rows are four independent 4-lane
+// float64 instructions (their latency overlaps instead of stalling every row).
+// Same formula as the generic loop: float32 row sums, mean and variance divided in
+// float64, rstd = 1 / sqrt(var + eps) in float64 rounded once to float32.
+template <int NV>
+void fwd_rows_short(const LayerNormFwdArgs& a, int64_t r0, int64_t r1) {
+  constexpr int64_t D = 8 * NV;
+  int64_t g = r0 / a.group_rows, g_end = (g + 1) * a.group_rows;
+  constexpr int kRows = 16;  // rows per block: four independent 4-lane square roots
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int n = static_cast<int>(min64(kRows, r1 - rb));
+    alignas(32) double var[kRows];
+    alignas(32) float mf[kRows], rs[kRows];
+    for (int k = 0; k < n; ++k) {
+      const float* xi = a.x + (rb + k) * a.x_stride;
+      __m256 xv[NV];
+      __m256 s = _mm256_setzero_ps();
+      for (int v = 0; v < NV; ++v) s = _mm256_add_ps(s, xv[v] = _mm256_loadu_ps(xi + 8 * v));
+      const float m = static_cast<float>(double(hsum8(s)) / double(D));
+      const __m256 mv = _mm256_set1_ps(m);
+      __m256 q = _mm256_setzero_ps();
+      for (int v = 0; v < NV; ++v) {
+        const __m256 t = _mm256_sub_ps(xv[v], mv);
+        q = _mm256_fmadd_ps(t, t, q);
+      }
+      mf[k] = m;
+      var[k] = double(hsum8(q)) / double(D) + a.eps;
+    }
+    for (int k = n; k < kRows; ++k) var[k] = 1.0;
+    for (int k = 0; k < kRows; k += 4)
+      _mm_store_ps(rs + k, _mm256_cvtpd_ps(_mm256_div_pd(_mm256_set1_pd(1.0),
+                                                        _mm256_sqrt_pd(_mm256_load_pd(var + k)))));
+    for (int k = 0; k < n; ++k) {
+      const int64_t r = rb + k;
+      if (r == g_end) ++g, g_end += a.group_rows;
+      a.mean[r] = mf[k];
+      a.rstd[r] = rs[k];
+      const float* xi = a.x + r * a.x_stride;
+      const float* sc = a.scale ? a.scale + g * D : a.zeros;
+      const float* sh = a.shift ? a.shift + g * D : a.zeros;
+      const __m256 mv = _mm256_set1_ps(mf[k]), rv = _mm256_set1_ps(rs[k]);
+      const __m256 one = _mm256_set1_ps(1.f);
+      float* out = a.y + r * D;
+      for (int v = 0; v < NV; ++v) {
+        const int j = 8 * v;
+        const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xi + j), mv), rv);
+        const __m256 h = _mm256_fmadd_ps(t, _mm256_loadu_ps(a.weight + j), _mm256_loadu_ps(a.bias + j));
+        const __m256 o = _mm256_fmadd_ps(h, _mm256_add_ps(one, _mm256_loadu_ps(sc + j)),
+                                         _mm256_loadu_ps(sh + j));
+        if (a.stream) _mm256_stream_ps(out + j, o);
+        else _mm256_storeu_ps(out + j, o);
+      }
+    }
+  }
+  if (a.stream) store_fence();
+}
+#endif
+
 void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, float* scratch) {
   const int64_t D = a.D;
+#if defined(LCT_ISA_AVX2)
+  // streamed stores need a 32-byte aligned y (rows are 4 D bytes, a multiple of 32 here)
+  if ((D == 16 || D == 32 || D == 64) &&
+      (!a.stream || (reinterpret_cast<uintptr_t>(a.y) % 32) == 0)) {
+    if (D == 16) fwd_rows_short<2>(a, r0, r1);
+    else if (D == 32) fwd_rows_short<4>(a, r0, r1);
+    else fwd_rows_short<8>(a, r0, r1);
+    return;
+  }
+#endif
   // Per-row scalar work is what costs at small D: the group of a row is tracked
   // incrementally (no 64-bit division per row), and there is one division per row.
   int64_t g = r0 / a.group_rows, g_end = (g + 1) * a.group_rows;
@@ -101,12 +182,6 @@ void layer_norm_fwd_rows_f32(const LayerNormFwdArgs& a, int64_t r0, int64_t r1, 
 }
 
 #if defined(LCT_ISA_AVX2)
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 // The backward of rows [r0, r1) for short rows, D = 8 NV (the qk-norm's head_dim 32 or
 // 64): the partials p1, p2 and the row's operands stay in registers across the rows,
