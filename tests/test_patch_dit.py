@@ -2,7 +2,8 @@
 
 Contract: after patching, a DiT-family model computes what it computed before
 (outputs and gradients to float tolerance), with every
-modulate(norm(x), shift, scale) run by lct_kernels.nsln_modulate.  The
+modulate(norm(x), shift, scale) run by lct_kernels.nsln_modulate and each block's gated
+residual x + gate * y by lct_kernels.gated_residual.  The
 reference is the unpatched model in float64 (a copy), an independent
 computation of the same math; the patched fp32 model must be as close to it as
 the unpatched fp32 model is.  The DiT here is facebookresearch/DiT's structure
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lct_kernels.ops.gated_residual as gated_ops
 import lct_kernels.ops.layer_norm as ln_ops
 from lct_kernels.nn import (FusedLayerNorm, NonScalingLayerNorm, patch_dit, unpatch_dit)
 from lct_kernels.train.model import build_dit
@@ -161,9 +163,22 @@ def count_kernel(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def count_residual(monkeypatch):
+    calls = []
+    real = gated_ops.gated_residual
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(gated_ops, "gated_residual", counting)
+    return calls
+
+
 # ---------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("train", [True, False])
-def test_patched_dit_matches_the_unpatched_float64_model(train, count_kernel):
+def test_patched_dit_matches_the_unpatched_float64_model(train, count_kernel, count_residual):
     model = DiT().train(train)
     ref64 = copy.deepcopy(model).double()
     x, t = inputs()
@@ -174,6 +189,7 @@ def test_patched_dit_matches_the_unpatched_float64_model(train, count_kernel):
     count_kernel.clear()
     assert_matches(model, ref64, x, t, tol=max(1e-5, 10 * base))
     assert len(count_kernel) == 5  # norm1, norm2 of each block and norm_final
+    assert len(count_residual) == 4  # both gated residuals of each block
     assert isinstance(model.blocks[0].norm1, FusedLayerNorm)
     assert isinstance(model.blocks[0].attn.q_norm, FusedLayerNorm)
 

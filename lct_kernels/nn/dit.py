@@ -3,7 +3,8 @@
 ``patch_dit(model)`` finds facebookresearch/DiT's layout by structure (any class
 name, any fork: SiT, fast-DiT, REPA, ...) and routes every
 ``modulate(norm(x), shift, scale) = norm(x) * (1 + scale[:, None]) + shift[:, None]``
-through ``lct_kernels.nsln_modulate`` (one kernel, fp32 statistics).
+through ``lct_kernels.nsln_modulate`` (one kernel, fp32 statistics), and a block's
+gated residuals ``x + gate[:, None] * y`` through ``lct_kernels.gated_residual``.
 ``unpatch_dit(model)`` undoes it.  See ``patch_dit`` for the contract.
 """
 
@@ -15,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..ops import gated_residual as _gated
 from ..ops import layer_norm as ops
 from .layer_norm import _is_unit, patch_layernorms, unpatch_layernorms
 
@@ -69,11 +71,23 @@ def _modulate_fused(norm, x, shift, scale):
     return _nsln_modulate(x, shift, scale, norm.bias, norm.eps, getattr(norm, "backend", None))
 
 
-def _block_math(self, x, c, modnorm):
+def _residual_reference(block, x, gate, y):
+    """DiT's gated residual x + gate.unsqueeze(1) * y."""
+    return x + gate.unsqueeze(1) * y
+
+
+def _residual_fused(block, x, gate, y):
+    """The gated residual in one pass forward and one backward (lct_kernels.gated_residual;
+    a CPU kernel: CUDA tensors run the same formula in eager PyTorch)."""
+    backend = "torch" if getattr(block.norm1, "backend", None) == "torch" else None
+    return _gated.gated_residual(x, gate, y, backend=backend)
+
+
+def _block_math(self, x, c, modnorm, residual=_residual_reference):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         self.adaLN_modulation(c).chunk(6, dim=1))
-    x = x + gate_msa.unsqueeze(1) * self.attn(modnorm(self.norm1, x, shift_msa, scale_msa))
-    x = x + gate_mlp.unsqueeze(1) * self.mlp(modnorm(self.norm2, x, shift_mlp, scale_mlp))
+    x = residual(self, x, gate_msa, self.attn(modnorm(self.norm1, x, shift_msa, scale_msa)))
+    x = residual(self, x, gate_mlp, self.mlp(modnorm(self.norm2, x, shift_mlp, scale_mlp)))
     return x
 
 
@@ -83,8 +97,9 @@ def _final_math(self, x, c, modnorm):
 
 
 def _patched_block_forward(self, x, c):
-    """facebookresearch/DiT's DiTBlock.forward with both modulates fused (lct_kernels.patch_dit)."""
-    return _block_math(self, x, c, _modulate_fused)
+    """facebookresearch/DiT's DiTBlock.forward with both modulates and both gated
+    residuals fused (lct_kernels.patch_dit)."""
+    return _block_math(self, x, c, _modulate_fused, _residual_fused)
 
 
 def _patched_final_forward(self, x, c):
@@ -315,7 +330,9 @@ def patch_dit(model, non_scaling=False, qk_norm=True):
     copy of one block at a time, on the model's device (a few seconds for a
     DiT-XL on a CPU).  If it matches, a block's (final layer's) ``forward`` becomes
     DiT's forward with the fused kernel, set on the instance (the class and
-    every other instance are untouched); a modulated norm's ``forward`` becomes
+    every other instance are untouched), its gated residuals ``x + gate * y`` run
+    through ``lct_kernels.gated_residual`` (one pass each way on the CPU; the same
+    formula in eager PyTorch on CUDA); a modulated norm's ``forward`` becomes
     the kernel.  The LayerNorms are switched to ``FusedLayerNorm`` /
     ``NonScalingLayerNorm`` by ``patch_layernorms``, so a call of the norm alone
     runs fused too.  Refused, with one warning naming each module and why, and
