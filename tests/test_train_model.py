@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lct_kernels.nn import NonScalingLayerNorm
 from lct_kernels.ops import bias_gelu as gelu_ops
 from lct_kernels.ops import gated_residual as gated_ops
 from lct_kernels.ops import layer_norm as ln_ops
-from lct_kernels.train.model import DIT_SIZES, DiT, build_dit, num_parameters
+from lct_kernels.train.model import (DIT_SIZES, MATH_ATTENTION_MAX_TOKENS, DiT, attention,
+                                     build_dit, num_parameters)
 
 SMALL = dict(hidden_size=64, depth=2, num_heads=4)
 
@@ -174,6 +176,56 @@ def test_fused_blocks_use_the_fused_mlp_and_gated_residual(monkeypatch):
     assert calls == {"linear_gelu": 3, "gated_residual": 2 * 3}  # fc1 and both residuals per block
     small(depth=3, fused=False)(*inputs()[:2])
     assert calls == {"linear_gelu": 3, "gated_residual": 2 * 3}  # the eager model: neither
+
+
+def attention64(q, k, v):
+    """Float64 softmax(q k^T / sqrt(d)) v, from the definition."""
+    q, k, v = q.double(), k.double(), v.double()
+    w = torch.exp(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5)
+    return (w / w.sum(-1, keepdim=True)) @ v
+
+
+@pytest.mark.parametrize("T", [1, 4, MATH_ATTENTION_MAX_TOKENS, MATH_ATTENTION_MAX_TOKENS + 1])
+@pytest.mark.parametrize("math_on_cpu", [True, False])
+def test_attention_is_softmax_attention_on_either_path(T, math_on_cpu):
+    """attention() = softmax(q k^T / sqrt(d)) v, forward and backward, whichever kernel runs
+    (the explicit formula for short CPU sequences, SDPA otherwise)."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 16, generator=g).requires_grad_() for _ in range(3))
+    out = attention(q, k, v, 0.0, math_on_cpu=math_on_cpu)
+    do = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    ins64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention64(*ins64)
+    want = torch.autograd.grad(ref, ins64, do.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_cpu_model_runs_short_sequences_without_sdpa(monkeypatch):
+    """The fused model's CPU attention at short sequences is the explicit formula (SDPA's
+    CPU kernel costs ~2 us per (sample, head) problem); the eager model, a dropout in
+    training and sequences over MATH_ATTENTION_MAX_TOKENS take SDPA."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    small(depth=2)(*inputs()[:2])
+    assert calls == []
+    small(depth=2, fused=False)(*inputs()[:2])
+    assert len(calls) == 2
+    calls.clear()
+    small(depth=2, dropout=0.1).train()(*inputs()[:2])
+    assert len(calls) == 2
+    q = torch.randn(1, 2, MATH_ATTENTION_MAX_TOKENS + 1, 8)
+    calls.clear()
+    attention(q, q, q, 0.0, math_on_cpu=True)
+    assert len(calls) == 1
 
 
 def test_checkpoint_moves_between_fused_and_eager():

@@ -137,6 +137,12 @@ M = [
  ("fused DiT block: fc2's folded bias dropped", "train/model.py",
   "return _gated.gated_residual(x, gate_m, y, self.mlp.fc2.bias if fold else None,",
   "return _gated.gated_residual(x, gate_m, y, None,", [MODEL]),
+ ("CPU attention: logits scaled by 1/d instead of 1/sqrt(d)", "train/model.py",
+  ".mul_(1.0 / math.sqrt(q.shape[-1]))", ".mul_(1.0 / q.shape[-1])", [MODEL]),
+ ("CPU attention: the explicit formula under an active dropout (dropout ignored)", "train/model.py",
+  "q.is_cpu and dropout_p == 0.0 and T <=", "q.is_cpu and T <=", [MODEL]),
+ ("CPU attention: softmax over the query axis", "train/model.py",
+  "torch.matmul(logits.softmax(-1), v)", "torch.matmul(logits.softmax(-2), v)", [MODEL]),
 ]
 
 
