@@ -1,4 +1,4 @@
-"""Shared test helpers: the backends to test here, and the tolerance rule."""
+"""Shared test helpers: the backends to test here, the tolerance rule, a call recorder."""
 
 import torch
 
@@ -51,3 +51,17 @@ def layer_norm64(x, weight, bias, shift, scale, eps):
     if shift is not None:
         y = y * (1 + scale.double()[:, None]) + shift.double()[:, None]
     return y
+
+
+def record_calls(monkeypatch, owner, name):
+    """Wrap ``owner.name`` (a module's function) so that each call is recorded as
+    (args, kwargs) in the returned list and still runs the real function."""
+    calls = []
+    real = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls

@@ -23,6 +23,7 @@ import lct_kernels.ops.gated_residual as gated_ops
 import lct_kernels.ops.layer_norm as ln_ops
 from lct_kernels.nn import (FusedLayerNorm, NonScalingLayerNorm, patch_dit, unpatch_dit)
 from lct_kernels.train.model import build_dit
+from helpers import record_calls
 
 
 # ---------------------------------------------------------------- facebookresearch/DiT, plain torch
@@ -152,28 +153,12 @@ def check_grads(g, g_ref, tol):
 
 @pytest.fixture
 def count_kernel(monkeypatch):
-    calls = []
-    real = ln_ops.nsln_modulate
-
-    def counting(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(ln_ops, "nsln_modulate", counting)
-    return calls
+    return record_calls(monkeypatch, ln_ops, "nsln_modulate")
 
 
 @pytest.fixture
 def count_residual(monkeypatch):
-    calls = []
-    real = gated_ops.gated_residual
-
-    def counting(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(gated_ops, "gated_residual", counting)
-    return calls
+    return record_calls(monkeypatch, gated_ops, "gated_residual")
 
 
 # ---------------------------------------------------------------- equivalence

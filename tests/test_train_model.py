@@ -11,6 +11,7 @@ from lct_kernels.ops import gated_residual as gated_ops
 from lct_kernels.ops import layer_norm as ln_ops
 from lct_kernels.train.model import (DIT_SIZES, MATH_ATTENTION_MAX_TOKENS, DiT, attention,
                                      build_dit, num_parameters)
+from helpers import record_calls
 
 SMALL = dict(hidden_size=64, depth=2, num_heads=4)
 
@@ -138,18 +139,11 @@ def test_fused_and_eager_nsln_agree_in_outputs_and_gradients():
 
 
 def test_fused_model_calls_the_lct_ops(monkeypatch):
-    calls = []
-    real = ln_ops.nsln_modulate
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ln_ops, "nsln_modulate", counting)
+    calls = record_calls(monkeypatch, ln_ops, "nsln_modulate")
     model = small(depth=2, backend="torch")
     model(*inputs()[:2])
     assert len(calls) == 2 * 2 + 1  # norm1, norm2 per block, and the final norm
-    assert set(calls) == {"torch"}
+    assert {kwargs.get("backend") for _, kwargs in calls} == {"torch"}
     assert all(isinstance(m, NonScalingLayerNorm) and m.backend == "torch"
                for m in qk_norms(model))
 
@@ -163,19 +157,16 @@ def test_fused_model_calls_the_lct_ops(monkeypatch):
 
 
 def test_fused_blocks_use_the_fused_mlp_and_gated_residual(monkeypatch):
-    calls = {"linear_gelu": 0, "gated_residual": 0}
-    for mod, name in ((gelu_ops, "linear_gelu"), (gated_ops, "gated_residual")):
-        real = getattr(mod, name)
+    recorded = {name: record_calls(monkeypatch, mod, name)
+                for mod, name in ((gelu_ops, "linear_gelu"), (gated_ops, "gated_residual"))}
 
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
+    def calls():
+        return {name: len(c) for name, c in recorded.items()}
 
-        monkeypatch.setattr(mod, name, counting)
     small(depth=3)(*inputs()[:2])
-    assert calls == {"linear_gelu": 3, "gated_residual": 2 * 3}  # fc1 and both residuals per block
+    assert calls() == {"linear_gelu": 3, "gated_residual": 2 * 3}  # fc1 and both residuals per block
     small(depth=3, fused=False)(*inputs()[:2])
-    assert calls == {"linear_gelu": 3, "gated_residual": 2 * 3}  # the eager model: neither
+    assert calls() == {"linear_gelu": 3, "gated_residual": 2 * 3}  # the eager model: neither
 
 
 def attention64(q, k, v):
@@ -207,14 +198,7 @@ def test_fused_cpu_model_runs_short_sequences_without_sdpa(monkeypatch):
     """The fused model's CPU attention at short sequences is the explicit formula (SDPA's
     CPU kernel costs ~2 us per (sample, head) problem); the eager model, a dropout in
     training and sequences over MATH_ATTENTION_MAX_TOKENS take SDPA."""
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    calls = record_calls(monkeypatch, F, "scaled_dot_product_attention")
     small(depth=2)(*inputs()[:2])
     assert calls == []
     small(depth=2, fused=False)(*inputs()[:2])

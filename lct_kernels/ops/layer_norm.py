@@ -234,10 +234,7 @@ def _layer_norm(fn, x, D, weight, bias, shift, scale, eps, backend, memory_effic
     group_rows = M // shift.shape[0] if shift is not None and shift.shape[0] else max(M, 1)
     # no reshape (an autograd view node each way) when x already is (M, D)
     flat = x.dim() == 2 and x.shape[1] == D
-    if flat and (D == 1 or x.stride(1) == 1):  # already (M, D) rows (V.rows' answer)
-        x2 = x
-    else:
-        x2 = V.rows(x if flat else x.reshape(M, D)) if M else x.reshape(0, D)
+    x2 = V.rows(x if flat else x.reshape(M, D)) if M else x.reshape(0, D)
     chosen = pick_backend(fn, "layer_norm", x, backend)
     if chosen == "torch" or M == 0:
         y2 = layer_norm_reference(x2, weight, bias, shift, scale, eps, group_rows)

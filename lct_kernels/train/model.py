@@ -163,7 +163,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dropout = dropout
-        self.fused = fused
+        self.fused = bool(fused)
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = _qk_norm(self.head_dim, nsln, fused, backend)
         self.k_norm = _qk_norm(self.head_dim, nsln, fused, backend)
