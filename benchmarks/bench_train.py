@@ -27,6 +27,12 @@ lct and 8 % slower for eager than either runs alone (2026-12-02).  ``none`` keep
 every path in this process (the GPU default: CUDA's caching allocator, and the GPU
 check's time budget).
 
+CPU heap (``--cpu-heap``, CPU only): ``trainer`` (default) runs the lct paths with
+``lct_kernels.tune_cpu_heap()``, as ``lct-train`` does (``run.cpu_heap=true``), and the
+eager paths with glibc's defaults, as the paper code runs; ``all`` tunes every path
+(what the kernels alone gain), ``none`` no path.  It needs process isolation: the
+setting is process-wide.
+
 Every path ends with the EMA update the trainer makes (``torch._foreach_lerp_``, or
 inside FusedRAdam's pass: its "ema" phase is then empty).
 The OT share is the OT pairing's time over the step's, measured in the same steps.
@@ -51,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lct_kernels.train import objective as obj  # noqa: E402
 from lct_kernels.optim import FusedRAdam  # noqa: E402
+from lct_kernels.cpu_heap import cpu_heap_status, tune_cpu_heap  # noqa: E402
 from lct_kernels.train.model import build_dit  # noqa: E402
 
 CONFIGS = {
@@ -164,10 +171,19 @@ def _build(path, spec, device, warmup):
     return fn
 
 
-def _worker(conn, path, config, device, warmup, threads):
+def heap_tuned(path, device, cpu_heap):
+    """Whether ``path`` runs with lct_kernels.tune_cpu_heap() under --cpu-heap ``cpu_heap``."""
+    return device.type == "cpu" and (cpu_heap == "all" or (cpu_heap == "trainer" and
+                                                            path.startswith("lct")))
+
+
+def _worker(conn, path, config, device, warmup, threads, cpu_heap="none"):
     """One path in its own process: builds and warms its step, then answers requests
     ("step" -> (seconds, OT seconds); "phases" -> one step's phase dict) until "stop"."""
     torch.set_num_threads(threads)
+    if heap_tuned(path, torch.device(device), cpu_heap) and not tune_cpu_heap():
+        print(f"bench_train: {path}: tune_cpu_heap not applied: {cpu_heap_status()[1]}",
+              file=sys.stderr)
     fn = _build(path, CONFIGS[config], torch.device(device), warmup)
     conn.send(fn is not None)
     while fn is not None:
@@ -186,12 +202,12 @@ def _worker(conn, path, config, device, warmup, threads):
 class _Remote:
     """A step running in a worker process (see _worker), called like a local step."""
 
-    def __init__(self, path, config, device, warmup):
+    def __init__(self, path, config, device, warmup, cpu_heap="none"):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, daemon=True,
                                 args=(child, path, config, str(device), warmup,
-                                      torch.get_num_threads()))
+                                      torch.get_num_threads(), cpu_heap))
         self.proc.start()
         child.close()
         self.ok = self.conn.recv()  # after its warm-up: workers never warm up concurrently
@@ -214,14 +230,22 @@ class _Remote:
             self.proc.kill()
 
 
-def run(config, device, rounds, warmup, compile_net, breakdown=False, isolation="none"):
+def run(config, device, rounds, warmup, compile_net, breakdown=False, isolation="none",
+        cpu_heap="none"):
+    """Times the paths side by side; ``cpu_heap`` (see the module docstring) needs
+    ``isolation="process"`` unless it is "none" or the device is not the CPU."""
+    if cpu_heap not in ("trainer", "all", "none"):
+        raise ValueError(f"bench_train: cpu_heap must be trainer, all or none, got {cpu_heap!r}")
+    if cpu_heap != "none" and device.type == "cpu" and isolation != "process":
+        raise ValueError("bench_train: --cpu-heap trainer/all needs --isolation process (the "
+                         "heap setting is process-wide); use --cpu-heap none")
     spec = CONFIGS[config]
     paths = ["lct", "eager"] + (["lct+compile", "eager+compile"] if compile_net else [])
     steps, remotes = {}, []
     try:
         for p in paths:
             if isolation == "process":
-                fn = _Remote(p, config, device, warmup)
+                fn = _Remote(p, config, device, warmup, cpu_heap)
                 remotes.append(fn)
                 fn = fn if fn.ok else None
             else:
@@ -269,18 +293,25 @@ def main(argv=None):
     ap.add_argument("--isolation", choices=["process", "none"], default=None,
                     help="each path in its own worker process, or all in this one (default: "
                          "process on the CPU, none on CUDA; see the module docstring)")
+    ap.add_argument("--cpu-heap", choices=["trainer", "all", "none"], default=None,
+                    help="which paths run with lct_kernels.tune_cpu_heap() (default: trainer, "
+                         "the lct paths as lct-train runs them, on the CPU with process "
+                         "isolation; none otherwise)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     isolation = args.isolation or ("process" if device.type == "cpu" else "none")
+    cpu_heap = args.cpu_heap or ("trainer" if device.type == "cpu" and isolation == "process"
+                                 else "none")
     spec, result = run(args.config, device, args.rounds, args.warmup, args.compile, args.breakdown,
-                       isolation)
+                       isolation, cpu_heap)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     C, H, _ = spec["latent"]
     print(f"### Training step: DiT-{spec['size']}/{spec['patch']}, latents {C}x{H}x{H}, batch "
           f"{spec['batch']}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {device.type} "
           f"({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"{datetime.date.today()}, median of {args.rounds} steps, isolation {isolation}\n")
+          f"{datetime.date.today()}, median of {args.rounds} steps, isolation {isolation}"
+          + (f", tune_cpu_heap: {cpu_heap}" if device.type == "cpu" else "") + "\n")
     print("| path | step (ms) | OT (ms) | OT share | speed-up vs eager |")
     print("|---|---|---|---|---|")
     base = result.get("eager", {}).get("step_ms")
@@ -300,6 +331,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "device": str(device),
                                                "name": name, "isolation": isolation,
+                                               "cpu_heap": cpu_heap,
                                                "result": result}, indent=2))
 
 

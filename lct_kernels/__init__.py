@@ -12,6 +12,7 @@ Public API:
     nn                                                    thin modules over the ops
     nn.patch_dit, nn.unpatch_dit                          fuse a DiT's modulate(norm(x)) in place
     backend_info()                                        what loaded, and why anything did not
+    tune_cpu_heap(), cpu_heap_status()                    keep freed CPU activations in the heap (no page faults)
 
 Importing never fails because a compiled extension is missing; backend_info()
 (or ``python -m lct_kernels``) says what is usable.
@@ -30,6 +31,7 @@ from . import nn  # noqa: E402
 # torch) and ops.ot, so importing it here costs a few ms and creates no cycle.
 from . import ot  # noqa: E402
 from . import optim  # noqa: E402  (FusedRAdam: ops.radam and _backend only)
+from .cpu_heap import cpu_heap_status, tune_cpu_heap  # noqa: E402  (stdlib only)
 
 __version__ = "0.1.0"
 
@@ -50,4 +52,6 @@ __all__ = [
     "backend_info",
     "format_backend_info",
     "BackendUnavailable",
+    "tune_cpu_heap",
+    "cpu_heap_status",
 ]

@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from . import _ext
+from .cpu_heap import cpu_heap_status
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -225,8 +226,8 @@ def _cpu_model():
 def cpu_info():
     """The CPU and how the kernels use it: model, the ISA path the C++ kernels take
     (AVX2+FMA or base, and why; from the loaded extension itself), torch's own
-    CPU capability (the ISA of eager PyTorch's kernels), threads, and the OpenMP
-    settings that matter under contention (see README, Threads)."""
+    CPU capability (the ISA of eager PyTorch's kernels), threads, the OpenMP
+    settings that matter under contention and the heap setting (see README, Threads)."""
     if _ext.CPU_EXT.loaded and hasattr(torch.ops.lct, "_cpu_isa"):
         isa = torch.ops.lct._cpu_isa()
     else:
@@ -246,8 +247,20 @@ def cpu_info():
         "torch_threads": torch.get_num_threads(),
         "usable_cpus": usable,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA")},
+                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA",
+                                               "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
+        "heap": _heap_setting(),
     }
+
+
+def _heap_setting():
+    applied, reason = cpu_heap_status()
+    if applied:
+        return f"tuned by tune_cpu_heap: {reason}"
+    if any(os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return "glibc's settings from the MALLOC_* environment (see env)"
+    return ("glibc defaults (tune_cpu_heap not applied in this process; lct-train applies it "
+            "on CPU runs)")
 
 
 def backend_info():
@@ -305,7 +318,8 @@ def format_backend_info(info=None):
                   f"  {'torch isa':<12} {cpu['torch_capability']} (eager PyTorch's CPU kernels)",
                   f"  {'threads':<12} {cpu['torch_threads']} torch threads, "
                   f"{cpu['usable_cpus']} usable CPUs",
-                  f"  {'OpenMP env':<12} {env}"]
+                  f"  {'env':<12} {env}",
+                  f"  {'heap':<12} {cpu['heap']}"]
     lines += ["", "Compiled extensions"]
     for name, ext in info["extensions"].items():
         extra = ""

@@ -28,6 +28,7 @@ UPDATE = "tests/test_train_fused_update.py"
 GELU = "tests/test_bias_gelu.py"
 GATED = "tests/test_gated_residual.py"
 MODEL = "tests/test_train_model.py"
+HEAP = "tests/test_cpu_heap.py"
 M = [
  ("reuse z in the 2-step sampler", "train/sampling.py",
   "z2 = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)", "z2 = z", [T]),
@@ -143,6 +144,10 @@ M = [
   "q.is_cpu and dropout_p == 0.0 and T <=", "q.is_cpu and T <=", [MODEL]),
  ("CPU attention: softmax over the query axis", "train/model.py",
   "torch.matmul(logits.softmax(-1), v)", "torch.matmul(logits.softmax(-2), v)", [MODEL]),
+ ("CPU heap: the trim threshold never set", "cpu_heap.py",
+  "ok_trim = mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb << 20) == 1", "ok_trim = True", [HEAP]),
+ ("CPU heap: the mmap threshold never set", "cpu_heap.py",
+  "ok_mmap = mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb << 20) == 1", "ok_mmap = True", [HEAP]),
 ]
 
 

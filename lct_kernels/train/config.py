@@ -118,6 +118,9 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True        # log to TensorBoard too, if it is installed
     compile: bool = False           # torch.compile(fullgraph=True) the model (our ops inside)
+    # CPU runs: keep freed activations in glibc's heap (lct_kernels.tune_cpu_heap): no
+    # page faults for the next step's; process-wide, glibc only
+    cpu_heap: bool = True
     # skip non-finite steps on the device (no host read): "auto" = on CUDA only, where a host
     # read waits for the GPU; on the CPU a read is free and the guard's copies are not
     sync_free: str = "auto"         # auto, true, false

@@ -13,11 +13,13 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from .._backend import select
+from ..cpu_heap import cpu_heap_status, tune_cpu_heap
 from ..optim import FusedRAdam
 from . import distributed as ddp_lib
 from . import objective as obj
@@ -103,6 +105,9 @@ class Trainer(StageSchedule, RunOutputs):
                 "dict, e.g. lct_kernels.eval.evaluate.PeriodicDigitsEval()), or run.eval_every=0")
         self.evaluator = evaluator
         self.device = resolve_device(r.device, local_rank)
+        if self.device.type == "cpu" and r.cpu_heap and not tune_cpu_heap():
+            warnings.warn(f"lct-train: run.cpu_heap=true could not be applied ({cpu_heap_status()[1]}); "
+                          "steps pay page faults for their activations", RuntimeWarning, stacklevel=2)
         self.autocast = (r.precision == "bf16" or (r.precision == "auto" and self.device.type == "cuda"))
         self.backend = r.backend or None
         if cfg.optim.batch_size % self.world:
