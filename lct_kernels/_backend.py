@@ -32,7 +32,7 @@ import warnings
 import torch
 
 from . import _ext
-from .cpu_heap import cpu_heap_status
+from .cpu_heap import MALLOC_ENV, describe_cpu_heap
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -247,20 +247,9 @@ def cpu_info():
         "torch_threads": torch.get_num_threads(),
         "usable_cpus": usable,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA",
-                                               "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
-        "heap": _heap_setting(),
+                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA") + MALLOC_ENV},
+        "heap": describe_cpu_heap(os.environ),
     }
-
-
-def _heap_setting():
-    applied, reason = cpu_heap_status()
-    if applied:
-        return f"tuned by tune_cpu_heap: {reason}"
-    if any(os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return "glibc's settings from the MALLOC_* environment (see env)"
-    return ("glibc defaults (tune_cpu_heap not applied in this process; lct-train applies it "
-            "on CPU runs)")
 
 
 def backend_info():

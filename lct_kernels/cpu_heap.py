@@ -10,7 +10,7 @@ page fault, and the kernel's zeroing, per 4 KiB.  Measured 2026-12-03 on the 2-v
 development machine (AMD EPYC, torch 2.13.0+cpu, 2 threads), DiT-S/2 on 4 x 16 x 16
 latents, batch 64, fp32, lct_kernels' path: about 39 000 minor faults and 0.37 s of
 system time per step (a 6 s step); with this setting 5 000 faults and 0.16 s, and the
-step 3.8 % faster (eager PyTorch 3.5 %, side by side in one run, 10 steps each).
+step 2.7-3.8 % faster in two side-by-side runs (eager PyTorch 0-3.5 %; BENCHMARKS.md).
 
 What it does: ``mallopt(M_MMAP_THRESHOLD, mmap_threshold_mb MiB)`` (blocks up to that size
 come from the heap, and the threshold stops adapting) and ``mallopt(M_TRIM_THRESHOLD,
@@ -31,6 +31,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MAX_MMAP_THRESHOLD_MB = 32  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses more
 _MAX_TRIM_THRESHOLD_MB = 2047  # mallopt takes an int (bytes)
+
+# the environment variables that set the same two thresholds at process start
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _STATE = {"applied": False, "reason": "not called"}
 
@@ -83,3 +86,15 @@ def tune_cpu_heap(mmap_threshold_mb=_MAX_MMAP_THRESHOLD_MB, trim_threshold_mb=_M
 def cpu_heap_status():
     """(applied: bool, reason: str) of the last :func:`tune_cpu_heap` call in this process."""
     return _STATE["applied"], _STATE["reason"]
+
+
+def describe_cpu_heap(environ):
+    """One line on this process's heap setting (``python -m lct_kernels``): tuned here,
+    set through ``MALLOC_ENV`` in ``environ``, or glibc's defaults."""
+    applied, reason = cpu_heap_status()
+    if applied:
+        return f"tuned by tune_cpu_heap: {reason}"
+    if any(environ.get(k) for k in MALLOC_ENV):
+        return "glibc's settings from the MALLOC_* environment (see env)"
+    return ("glibc defaults (tune_cpu_heap not applied in this process; lct-train applies it "
+            "on CPU runs)")

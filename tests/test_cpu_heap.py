@@ -102,7 +102,6 @@ def _trainer(tmp_path, **overrides):
 
 @pytest.mark.parametrize("setting, calls", [("true", 1), ("false", 0)])
 def test_trainer_tunes_the_heap_on_cpu_runs_only_when_asked(tmp_path, monkeypatch, setting, calls):
-    pytest.importorskip("lct_kernels.train.loop")
     import lct_kernels.train.loop as loop
 
     seen = []
