@@ -33,6 +33,8 @@ import torch
 
 from . import _ext
 from .cpu_heap import MALLOC_ENV, describe_cpu_heap
+from .cpu_blas import ENV as CPU_GEMM_ENV
+from .cpu_blas import cpu_gemm_choice
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -227,7 +229,8 @@ def cpu_info():
     """The CPU and how the kernels use it: model, the ISA path the C++ kernels take
     (AVX2+FMA or base, and why; from the loaded extension itself), torch's own
     CPU capability (the ISA of eager PyTorch's kernels), threads, the OpenMP
-    settings that matter under contention and the heap setting (see README, Threads)."""
+    settings that matter under contention, the heap setting (see README, Threads) and
+    the GEMM the fused DiT's large fp32 CPU GEMMs use (lct_kernels.ops.cpu_gemm)."""
     if _ext.CPU_EXT.loaded and hasattr(torch.ops.lct, "_cpu_isa"):
         isa = torch.ops.lct._cpu_isa()
     else:
@@ -236,6 +239,10 @@ def cpu_info():
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception as exc:  # noqa: BLE001 - report, never fail
         capability = f"unknown ({type(exc).__name__})"
+    try:
+        gemm = "%s (%s)" % cpu_gemm_choice()
+    except (ValueError, RuntimeError) as exc:  # a bad LCT_CPU_GEMM: report it
+        gemm = f"error: {exc}"
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -247,8 +254,10 @@ def cpu_info():
         "torch_threads": torch.get_num_threads(),
         "usable_cpus": usable,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA") + MALLOC_ENV},
+                                               "GOMP_SPINCOUNT", "LCT_CPU_ISA", CPU_GEMM_ENV)
+                + MALLOC_ENV},
         "heap": describe_cpu_heap(os.environ),
+        "gemm": gemm,
     }
 
 
@@ -308,7 +317,9 @@ def format_backend_info(info=None):
                   f"  {'threads':<12} {cpu['torch_threads']} torch threads, "
                   f"{cpu['usable_cpus']} usable CPUs",
                   f"  {'env':<12} {env}",
-                  f"  {'heap':<12} {cpu['heap']}"]
+                  f"  {'heap':<12} {cpu['heap']}",
+                  f"  {'fp32 gemm':<12} {cpu['gemm']}: the fused DiT's large CPU GEMMs "
+                  "(lct_kernels.ops.cpu_gemm)"]
     lines += ["", "Compiled extensions"]
     for name, ext in info["extensions"].items():
         extra = ""

@@ -5,9 +5,10 @@
 
 x (..., K) float32/bfloat16/float16 (or float64: the reference), weight (N, K),
 bias (N,) -> (..., N) in the GEMM's dtype.  The GEMM is torch's (``torch.mm``,
-no bias); one C++ pass then adds the bias and applies GELU (``lct::bias_gelu_fwd``),
-and one pass of the backward writes dh and the bias gradient
-(``lct::bias_gelu_bwd``).  Saved for backward: the GEMM's output h (M, N), what
+no bias; oneDNN's for large fp32 shapes on CPUs where MKL is slow, see
+``lct_kernels.ops.cpu_gemm``); one C++ pass then adds the bias and applies GELU
+(``lct::bias_gelu_fwd``), and one pass of the backward writes dh and the bias
+gradient (``lct::bias_gelu_bwd``).  Saved for backward: the GEMM's output h (M, N), what
 eager ``F.gelu(F.linear(...))`` saves too.
 
 Why a kernel: on the CPU ATen's tanh-GELU costs about as much as the GEMM feeding
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from .._backend import pick_backend
 from . import _fused_grad
+from . import cpu_gemm
 
 
 def bias_gelu_reference(h, bias):
@@ -98,7 +100,8 @@ def linear_gelu(x, weight, bias, backend=None):
         return F.gelu(F.linear(x, weight, bias), approximate="tanh")
     K, N = weight.shape[1], weight.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    h = torch.mm(x2, weight.t())
+    # torch.mm, or oneDNN for a large fp32 GEMM where MKL is slow (ops/cpu_gemm.py)
+    h = cpu_gemm.linear(x2, weight)
     if h.dtype == torch.float64:  # float64 (promoted GEMM): the reference
         y = bias_gelu_reference(h, bias.to(h.dtype))
     else:

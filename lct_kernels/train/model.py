@@ -37,6 +37,7 @@ from torch import nn
 
 from ..nn.layer_norm import FusedLayerNorm, NonScalingLayerNorm
 from ..ops import bias_gelu as _gelu
+from ..ops import cpu_gemm as _gemm
 from ..ops import gated_residual as _gated
 from ..ops import layer_norm as _ln
 
@@ -55,6 +56,17 @@ _QK_EPS = 1e-5  # qk-norm eps: timm's Attention builds it with LayerNorm's defau
 # Longest sequence for which the fused model's CPU attention is the explicit
 # softmax(q k^T / sqrt(d)) v (see attention).
 MATH_ATTENTION_MAX_TOKENS = 32
+
+
+def _apply_linear(module, x, fused, with_bias=True):
+    """``module(x)`` for an nn.Linear (without its bias: ``with_bias=False``); the fused
+    model's large fp32 CPU GEMMs through ``lct_kernels.ops.cpu_gemm.linear`` (oneDNN
+    where MKL is slow).  A replaced or hooked module (LoRA, adapters) is called as is."""
+    bias = module.bias if with_bias else None
+    if not fused or type(module) is not nn.Linear or module._forward_hooks \
+            or module._forward_pre_hooks:
+        return module(x) if with_bias else F.linear(x, module.weight)
+    return _gemm.linear(x, module.weight, bias)
 
 
 def attention(q, k, v, dropout_p=0.0, math_on_cpu=False):
@@ -164,6 +176,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.dropout = dropout
         self.fused = bool(fused)
+        self.big_gemm = self.fused and backend != "torch"  # cpu_gemm.linear (see _apply_linear)
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = _qk_norm(self.head_dim, nsln, fused, backend)
         self.k_norm = _qk_norm(self.head_dim, nsln, fused, backend)
@@ -174,7 +187,7 @@ class Attention(nn.Module):
         """``fold_bias``: return the output projection without its bias (the caller
         adds ``self.proj.bias``); only valid where the dropout after it is inactive."""
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _apply_linear(self.qkv, x, self.big_gemm).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         # SDPA wants one dtype; the eager LayerNorm may have promoted q, k to fp32 under
@@ -184,8 +197,8 @@ class Attention(nn.Module):
         out = attention(q, k, v, drop, math_on_cpu=self.fused)
         out = out.transpose(1, 2).reshape(B, T, D)
         if fold_bias:  # the caller adds proj's bias (no dropout to apply after it)
-            return F.linear(out, self.proj.weight)
-        return self.proj_drop(self.proj(out))
+            return _apply_linear(self.proj, out, self.big_gemm, with_bias=False)
+        return self.proj_drop(_apply_linear(self.proj, out, self.big_gemm))
 
 
 class Mlp(nn.Module):
@@ -209,9 +222,10 @@ class Mlp(nn.Module):
             h = _gelu.linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend)
         else:
             h = F.gelu(self.fc1(x), approximate="tanh")
+        big_gemm = self.fused and self.backend != "torch"
         if fold_bias:
-            return F.linear(self.drop(h), self.fc2.weight)
-        return self.drop(self.fc2(self.drop(h)))
+            return _apply_linear(self.fc2, self.drop(h), big_gemm, with_bias=False)
+        return self.drop(_apply_linear(self.fc2, self.drop(h), big_gemm))
 
 
 class DiTBlock(nn.Module):
