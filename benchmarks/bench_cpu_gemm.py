@@ -76,9 +76,10 @@ def main(argv=None):
     ap.add_argument("--step", choices=("tiny", "s2"), default=None)
     ap.add_argument("--step-rounds", type=int, default=8)
     args = ap.parse_args(argv)
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    from lct_kernels.cpu_blas import _has_onednn, cpu_gemm_choice
+
+    if not _has_onednn():
         raise SystemExit("bench_cpu_gemm: this torch has no oneDNN")
-    from lct_kernels.cpu_blas import cpu_gemm_choice
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
           f"{time.strftime('%Y-%m-%d')}; auto choice: {cpu_gemm_choice({})}\n")

@@ -41,7 +41,8 @@ def onednn_calls(monkeypatch):
 
 def _reference(x, w, b, dy):
     """y = x w^T + b and its gradients (dx = dy w, dw = dy^T x, db = sum dy), in float64."""
-    x64, w64, dy64 = x.double().reshape(-1, x.shape[-1]), w.double(), dy.double().reshape(-1, w.shape[0])
+    x64, w64 = x.double().reshape(-1, x.shape[-1]), w.double()
+    dy64 = dy.double().reshape(-1, w.shape[0])
     y = x64 @ w64.T + (b.double() if b is not None else 0)
     return (y.reshape(dy.shape), (dy64 @ w64).reshape(x.shape), dy64.T @ x64,
             dy64.sum(0) if b is not None else None)

@@ -187,7 +187,8 @@ class Attention(nn.Module):
         """``fold_bias``: return the output projection without its bias (the caller
         adds ``self.proj.bias``); only valid where the dropout after it is inactive."""
         B, T, D = x.shape
-        qkv = _apply_linear(self.qkv, x, self.big_gemm).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _apply_linear(self.qkv, x, self.big_gemm)
+        qkv = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         # SDPA wants one dtype; the eager LayerNorm may have promoted q, k to fp32 under
