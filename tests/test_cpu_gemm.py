@@ -117,12 +117,37 @@ def test_gemm_path_takes_oneDNN_only_for_a_large_float32_cpu_call(force):
 
 
 @needs_onednn
-def test_torch_compile_traces_linear_as_F_linear(force, onednn_calls):
+def test_torch_compile_traces_the_registered_op_with_its_gradients(force, onednn_calls):
+    """fullgraph, Inductor: forward and input gradient in oneDNN (lct::onednn_linear and
+    lct::onednn_linear_dinput), the formula's gradients against float64."""
     force("onednn")
-    x, w = torch.randn(1024, 256), torch.randn(256, 256)
-    compiled = torch.compile(lambda a, b: cpu_gemm.linear(a, b), fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
-    assert onednn_calls == []  # tracing sees F.linear
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1024, 256, generator=g, requires_grad=True)
+    w = (torch.randn(320, 256, generator=g) / 16).requires_grad_()
+    b = torch.randn(320, generator=g).requires_grad_()
+    dy = torch.randn(1024, 320, generator=g)
+    compiled = torch.compile(lambda a, m, c: cpu_gemm.linear(a, m, c), fullgraph=True)
+    y = compiled(x, w, b)
+    y.backward(dy)
+    assert len(onednn_calls) == 2
+    ref_y, ref_dx, ref_dw, ref_db = _reference(x.detach(), w.detach(), b, dy)
+    torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=2e-5 * 16)
+    torch.testing.assert_close(x.grad.double(), ref_dx, rtol=0, atol=2e-5 * 18)
+    torch.testing.assert_close(w.grad.double(), ref_dw, rtol=0, atol=2e-5 * 32)
+    torch.testing.assert_close(b.grad.double(), ref_db, rtol=0, atol=2e-5 * 32)
+
+
+@needs_onednn
+def test_the_registered_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(64, 32, generator=g, requires_grad=True),
+               torch.randn(48, 32, generator=g, requires_grad=True),
+               torch.randn(48, generator=g, requires_grad=True))
+    torch.library.opcheck(torch.ops.lct.onednn_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.lct.onednn_linear.default, (x, w, None))
+    torch.library.opcheck(torch.ops.lct.onednn_linear_dinput.default,
+                          (torch.randn(64, 48, generator=g), w.detach()))
 
 
 @pytest.mark.parametrize("vendor,mkl,want", [("AuthenticAMD", True, "onednn"),

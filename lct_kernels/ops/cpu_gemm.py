@@ -25,8 +25,8 @@ median of 8 steps each, interleaved in one process).  At the demo's shapes
 
 Where ``linear`` takes oneDNN (``gemm_path`` says which): CPU float32 x, weight and
 bias, at least ``MIN_ROWS`` rows and ``MIN_FEATURES`` input and output features, no
-autocast, no tracing (``torch.compile`` sees ``F.linear``: Inductor picks its own
-GEMM), no functorch transform, and the host's choice is oneDNN
+autocast, no functorch transform (``torch.compile`` traces the registered
+``lct::onednn_linear`` op), and the host's choice is oneDNN
 (``lct_kernels.cpu_blas.cpu_gemm_choice``: ``LCT_CPU_GEMM=onednn|aten``, else
 oneDNN on a non-Intel CPU where torch's BLAS is MKL).  Everywhere else it is
 ``F.linear``, the same math.
@@ -35,6 +35,8 @@ oneDNN on a non-Intel CPU where torch's BLAS is MKL).  Everywhere else it is
 MKL's by fp32 rounding only (another summation order); the tests compare both
 against float64.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,65 @@ class _OneDnnLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+# The same two GEMMs as registered ops, for torch.compile: Dynamo cannot trace into
+# _OneDnnLinear's oneDNN calls as an opaque kernel, so compiled graphs call these
+# (Inductor leaves them as extern kernels; the weight gradient and the bias
+# reduction stay ATen ops it may fuse).  Eager calls take _OneDnnLinear, without
+# torch.library's per-call Python bookkeeping.
+def _onednn():
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = torch.ops.mkldnn._linear_pointwise.default
+    return _ONEDNN
+
+
+@torch.library.custom_op("lct::onednn_linear", mutates_args=())
+def _onednn_linear_op(x2: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x2 (M, K) @ weight (N, K)^T + bias (N,) in oneDNN: (M, N) float32."""
+    return _onednn()(x2.contiguous(), weight, bias, "none", [], "")
+
+
+@_onednn_linear_op.register_fake
+def _(x2, weight, bias):
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("lct::onednn_linear_dinput", mutates_args=())
+def _onednn_dinput_op(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dy (M, N) @ weight (N, K) in oneDNN: (M, K) float32."""
+    return _onednn()(dy.contiguous(), weight.t(), None, "none", [], "")
+
+
+@_onednn_dinput_op.register_fake
+def _(dy, weight):
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    x2, weight, bias = inputs
+    ctx.save_for_backward(x2, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x2, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    dx = _onednn_dinput_op(dy, weight) if need_x else None
+    dw = dy.t().mm(x2) if need_w else None
+    db = dy.sum(0) if (need_b and ctx.has_bias) else None
+    return dx, dw, db
+
+
+_onednn_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice():
+    # read once at trace time (a file and the environment): a constant of the graph
+    return _choice()
+
+
 def gemm_path(x, weight, bias=None):
     """"onednn" or "aten": which GEMM ``linear(x, weight, bias)`` runs (see the header)."""
     if not (type(x) is torch.Tensor or type(x) is torch.nn.Parameter):
@@ -98,8 +159,11 @@ def gemm_path(x, weight, bias=None):
     if (K < MIN_FEATURES or weight.shape[0] < MIN_FEATURES or weight.shape[1] != K
             or x.numel() < MIN_ROWS * K):
         return "aten"
-    if (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-            or torch._C._are_functorch_transforms_active()):
+    if torch.is_autocast_enabled("cpu"):
+        return "aten"
+    if torch.compiler.is_compiling():
+        return _traced_choice()
+    if torch._C._are_functorch_transforms_active():
         return "aten"
     return _choice()
 
@@ -112,12 +176,11 @@ def linear(x, weight, bias=None):
     three; the weight gradient is ATen's ``mm``."""
     if gemm_path(x, weight, bias) != "onednn":
         return F.linear(x, weight, bias)
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = torch.ops.mkldnn._linear_pointwise.default
+    _onednn()
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    y = _OneDnnLinear.apply(x2, weight, bias)
+    if torch.compiler.is_compiling():
+        y = _onednn_linear_op(x2, weight, bias)
+    else:
+        y = _OneDnnLinear.apply(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
