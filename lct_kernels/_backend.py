@@ -34,7 +34,7 @@ import torch
 from . import _ext
 from .cpu_heap import MALLOC_ENV, describe_cpu_heap
 from .cpu_blas import ENV as CPU_GEMM_ENV
-from .cpu_blas import cpu_gemm_choice
+from .cpu_blas import cpu_gemm_choice, cpuinfo_fields
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -205,16 +205,7 @@ def pick_backend(fn, family, x, backend):
 def _cpu_model():
     """The CPU's model name from /proc/cpuinfo (Linux), with vendor, family, model and
     stepping (virtual machines often report a generic name), else platform's answer."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
+    fields = cpuinfo_fields()
     name = fields.get("model name")
     if not name:
         import platform

@@ -20,15 +20,23 @@ ENV = "LCT_CPU_GEMM"
 CHOICES = ("auto", "onednn", "aten")
 
 
-def _vendor():
+def cpuinfo_fields():
+    """The first processor's fields of /proc/cpuinfo ({} where there is none: not Linux)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return ""
+    return fields
+
+
+def _vendor():
+    return cpuinfo_fields().get("vendor_id", "")
 
 
 def _has_onednn():

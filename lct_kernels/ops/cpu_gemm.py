@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu_blas import CHOICES, ENV, cpu_gemm_choice  # noqa: F401 - re-exported
+from . import _fused_grad
 
 MIN_ROWS = 1024
 MIN_FEATURES = 256
@@ -65,34 +66,6 @@ def reset_choice():
 _ONEDNN = None
 
 
-def _mm_nt(a, b):
-    """a (M, K) @ b (N, K)^T in oneDNN: (M, N). b may be a transposed view."""
-    return _ONEDNN(a, b, None, "none", [], "")
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, weight, bias):
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
-        return _ONEDNN(x2, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight = ctx.saved_tensors
-        dy = dy.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad
-        dx = _mm_nt(dy, weight.t()) if need_x else None  # dy @ W, oneDNN
-        dw = dy.t().mm(x2) if need_w else None  # dy^T @ x, ATen (MKL): see the header
-        db = dy.sum(0) if (need_b and ctx.has_bias) else None
-        return dx, dw, db
-
-
-# The same two GEMMs as registered ops, for torch.compile: Dynamo cannot trace into
-# _OneDnnLinear's oneDNN calls as an opaque kernel, so compiled graphs call these
-# (Inductor leaves them as extern kernels; the weight gradient and the bias
-# reduction stay ATen ops it may fuse).  Eager calls take _OneDnnLinear, without
-# torch.library's per-call Python bookkeeping.
 def _onednn():
     global _ONEDNN
     if _ONEDNN is None:
@@ -100,6 +73,9 @@ def _onednn():
     return _ONEDNN
 
 
+# The GEMMs as registered ops (fake + autograd): compiled graphs call them as extern
+# kernels, with the weight gradient and the bias reduction left as ATen ops Inductor
+# may fuse; eager calls take _fused_grad.call's shortcut around the same formula.
 @torch.library.custom_op("lct::onednn_linear", mutates_args=())
 def _onednn_linear_op(x2: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -132,13 +108,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     x2, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
-    dx = _onednn_dinput_op(dy, weight) if need_x else None
-    dw = dy.t().mm(x2) if need_w else None
+    dx = _onednn_dinput_op(dy, weight) if need_x else None  # dy @ W, oneDNN
+    dw = dy.t().mm(x2) if need_w else None  # dy^T @ x, ATen (MKL): see the header
     db = dy.sum(0) if (need_b and ctx.has_bias) else None
     return dx, dw, db
 
 
 _onednn_linear_op.register_autograd(_backward, setup_context=_setup)
+_FWD = torch.ops.lct.onednn_linear.default
 
 
 @torch.compiler.assume_constant_result
@@ -176,11 +153,5 @@ def linear(x, weight, bias=None):
     three; the weight gradient is ATen's ``mm``."""
     if gemm_path(x, weight, bias) != "onednn":
         return F.linear(x, weight, bias)
-    _onednn()
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if torch.compiler.is_compiling():
-        y = _onednn_linear_op(x2, weight, bias)
-    else:
-        y = _OneDnnLinear.apply(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
+    y = _fused_grad.call(_FWD, _setup, _backward, x.reshape(-1, x.shape[-1]), weight, bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -215,6 +215,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fused = bool(fused)
         self.backend = backend
+        self.big_gemm = self.fused and backend != "torch"  # cpu_gemm.linear (see _apply_linear)
 
     def forward(self, x, fold_bias=False):
         """``fold_bias``: return fc2's output without its bias (the caller adds
@@ -223,10 +224,9 @@ class Mlp(nn.Module):
             h = _gelu.linear_gelu(x, self.fc1.weight, self.fc1.bias, backend=self.backend)
         else:
             h = F.gelu(self.fc1(x), approximate="tanh")
-        big_gemm = self.fused and self.backend != "torch"
         if fold_bias:
-            return _apply_linear(self.fc2, self.drop(h), big_gemm, with_bias=False)
-        return self.drop(_apply_linear(self.fc2, self.drop(h), big_gemm))
+            return _apply_linear(self.fc2, self.drop(h), self.big_gemm, with_bias=False)
+        return self.drop(_apply_linear(self.fc2, self.drop(h), self.big_gemm))
 
 
 class DiTBlock(nn.Module):
