@@ -121,16 +121,26 @@ def positive_scalar(fn, name, c, device):
     return _cached_scalar(float(c), device)
 
 
-# (value, device, inference mode) -> 0-d float64 tensor.  In eager mode a Python c
-# becomes the same read-only tensor on every call instead of a fresh allocation
-# (and, on CUDA, a fill kernel) per call; the ops never write to it.  Bounded:
-# a schedule with many distinct c values simply rebuilds the cache.
+# (value, device, inference mode, CUDA stream) -> 0-d float64 tensor.  In eager mode a
+# Python c becomes the same read-only tensor on every call instead of a fresh allocation
+# (and, on CUDA, a fill kernel) per call; the ops never write to it.  Bounded: a schedule
+# with many distinct c values simply rebuilds the cache.
+# On CUDA the key holds the current stream: the caching allocator frees a block in the
+# order of the stream that allocated it, so a tensor used only on its own stream cannot be
+# reused while a kernel queued on another stream still reads it (when the cache clears).
+# During CUDA-graph capture nothing is cached: a tensor made there holds its value only
+# once the graph replays, so it is made fresh (and captured) on every capture.
 _SCALARS = {}
 _SCALARS_MAX = 256
 
 
 def _cached_scalar(value, device):
-    key = (value, device, torch.is_inference_mode_enabled())
+    device, stream = torch.device(device), None
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.full((), value, dtype=torch.float64, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    key = (value, device, torch.is_inference_mode_enabled(), stream)
     t = _SCALARS.get(key)
     if t is None:
         if len(_SCALARS) >= _SCALARS_MAX:

@@ -149,6 +149,36 @@ def test_compile_fullgraph_on_gpu():
     assert torch.isfinite(pred.grad).all()
 
 
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_python_c_on_a_side_stream_and_under_graph_capture(backend):
+    # The cached device scalar for a Python c is per stream, and never cached while a
+    # CUDA graph is captured (there it holds its value only once the graph replays).
+    pred = torch.randn(16, 512, device=DEV)
+    target = torch.randn(16, 512, device=DEV)
+    m = ((pred.double() - target.double()) ** 2).mean(1)
+    ref = lambda c: torch.log1p(m / (2 * c * c))  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for k in range(300):  # more distinct values than the cache holds: it rebuilds
+            c = 0.02 + 0.001 * k
+            torch.testing.assert_close(
+                L.cauchy_loss(pred, target, c, reduction="none", backend=backend).double(),
+                ref(c), rtol=1e-5, atol=0)
+        L.cauchy_loss(pred, target, 0.5, reduction="none", backend=backend)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    c_new = 0.0123457  # first seen inside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        captured = L.cauchy_loss(pred, target, c_new, reduction="none", backend=backend)
+    with torch.no_grad():
+        eager = L.cauchy_loss(pred, target, c_new, reduction="none", backend=backend)
+    torch.testing.assert_close(eager.double(), ref(c_new), rtol=1e-5, atol=0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured.double(), ref(c_new), rtol=1e-5, atol=0)
+
+
 def test_opcheck_cuda_ops():
     c = torch.tensor(0.3, dtype=torch.float64, device=DEV)
     pred = torch.randn(5, 40, device=DEV, requires_grad=True)

@@ -223,6 +223,18 @@ def test_tensor_c_equals_float_c_and_c_can_change(backend):
     assert c.item() < a.item()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_each_python_c_gives_its_own_loss_past_the_scalar_cache(backend):
+    # a Python c becomes a cached 0-d tensor (lct_kernels._validate); 300 distinct values
+    # overflow the cache (256) and the first ones come back after it was rebuilt
+    pred, target = torch.randn(2, 24), torch.randn(2, 24)
+    m = ((pred.double() - target.double()) ** 2).mean(1)
+    cs = [0.01 + 0.003 * k for k in range(300)] + [0.01, 0.013]
+    for c in cs:
+        got = L.cauchy_loss(pred, target, c, reduction="none", backend=backend)
+        torch.testing.assert_close(got.double(), torch.log1p(m / (2 * c * c)), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
 def test_no_gradient_work_without_grad(backend):
     from lct_kernels.ops.robust_loss import fused_op
