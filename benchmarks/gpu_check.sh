@@ -143,7 +143,7 @@ for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"ENV device {i}: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
           f"{p.total_memory / 2**30:.0f} GiB")
-mods = ["numpy", "scipy", "pytest", "matplotlib", "ot", "lap", "torchcfm"]
+mods = ["numpy", "scipy", "pytest", "matplotlib", "sklearn", "ot", "lap", "torchcfm"]
 have = [f"{m} {getattr(__import__(m), '__version__', '?')}" if importlib.util.find_spec(m)
         else f"{m} -" for m in mods]
 print("ENV packages: " + ", ".join(have))

@@ -30,16 +30,17 @@ def _trainer(tmp_path, **extra):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("extra", [{}, {"optim.grad_clip": 1.0}, {"run.precision": "fp32"}])
+@pytest.mark.parametrize("extra", [{}, {"optim.grad_clip": 1.0}, {"run.precision": "fp32"},
+                                   {"ot.scope": "global"}])
 def test_train_step_never_syncs_between_logging_steps(tmp_path, extra):
     trainer = _trainer(tmp_path, **extra)
     trainer.train_step(fetch=True)  # step 0: creates the optimiser state (one host check)
-    trainer.train_step(fetch=False)  # step 1: first use of every cached device constant
+    trainer.train_step(fetch=False)  # step 1: the first step after the optimiser state exists
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(trainer.cfg.run.log_every - 3):
-            trainer.train_step(fetch=False)
+        for _ in range(trainer.cfg.run.log_every - 3):  # steps 2..8; step 8 starts stage 2
+            trainer.train_step(fetch=False)  # (new sigma grid and c, made without a sync)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     fetched = trainer.fetch_metrics()

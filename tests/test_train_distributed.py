@@ -69,6 +69,43 @@ def test_global_ot_equals_the_single_process_coupling_of_the_gathered_batch(tmp_
     assert not torch.equal(per_rank, expected)
 
 
+def _status_worker(rank, size, port, data, noise, labels, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        share = lambda t: ddp_lib.share(t, rank, size)  # noqa: E731
+        got = {"good": ddp_lib.global_ot_pair(share(data), share(noise), share(labels),
+                                              host_labels=labels, return_status=True)}
+        bad = data.clone()
+        bad[17] = float("nan")  # a sample of rank 1's share: rank 0's solve fails
+        got["bad"] = ddp_lib.global_ot_pair(share(bad), share(noise), share(labels),
+                                            return_status=True)[1]
+        try:
+            ddp_lib.global_ot_pair(share(bad), share(noise), share(labels))
+        except ValueError as e:
+            got["raised"] = str(e)
+        torch.save(got, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_ot_status_travels_with_the_permutation_to_every_rank(tmp_path):
+    # with return_status the solve is not checked on the host; status is 0-d int32, 0 when
+    # solved and the same nonzero code on every rank when rank 0's solve failed; without
+    # it every rank raises (none is left waiting in a collective)
+    torch.manual_seed(1)
+    data, noise = torch.randn(24, 2, 4, 4), torch.randn(24, 2, 4, 4)
+    labels = torch.arange(24) % 3
+    mp.spawn(_status_worker, args=(2, _free_port(), data, noise, labels, str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expected = noise[lk.ot_couple(data, noise, groups=labels)]
+    assert torch.equal(torch.cat([g["good"][0] for g in got]), expected)
+    for g in got:
+        assert g["good"][1].dtype == torch.int32 and g["good"][1].shape == () and g["good"][1] == 0
+        assert g["bad"] == 2  # lct::lap_status NAN
+        assert "global_ot_pair" in g["raised"] and "NaN" in g["raised"]
+
+
 def test_diffusion_coefficient_gives_the_global_average():
     torch.manual_seed(1)
     e = torch.rand(8)  # per-sample diffusion errors of a global batch of 8

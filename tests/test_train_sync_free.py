@@ -6,7 +6,7 @@ trainer's own code (anything under ``lct_kernels/``) makes no such call; the
 metrics are summed on the device and fetched once per ``run.log_every``; a step
 with a non-finite loss is skipped exactly (weights, optimiser state and EMA
 untouched) without the host knowing.  The GPU twin of this test, under
-``torch.cuda.set_sync_debug_mode("error")``, is in tests/test_gpu.py.
+``torch.cuda.set_sync_debug_mode("error")``, is in tests/test_gpu_train.py.
 """
 
 import copy
@@ -89,6 +89,7 @@ class HostReads:
     {},                                                   # the demo recipe: OT within classes
     {"optim.grad_clip": 1.0},                             # clipping on: a norm every step
     {"model.dropout": 0.1, "objective.diffusion_loss": False},
+    {"ot.scope": "global"},                               # one coupling of the global batch
 ])
 def test_no_host_read_between_logging_steps(tmp_path, cache_dir, extra):
     cfg = build_config("demo", overrides=_overrides(cache_dir, **{k: v for k, v in extra.items()}))

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import lct_kernels as lk
+from lct_kernels.ops.ot import STATUS_MESSAGES
 
 
 def world():
@@ -64,27 +65,50 @@ def all_gather_batch(local):
     return torch.cat(parts)
 
 
-def global_ot_pair(data_local, noise_local, labels_local=None, backend=None):
+def global_ot_pair(data_local, noise_local, labels_local=None, backend=None, *,
+                   host_labels=None, return_status=False):
     """``ot.scope=global``: one exact OT coupling of the whole global batch.
 
     All-gathers data and noise, rank 0 solves ``lk.ot_couple`` on its device, the
     permutation is broadcast, and each process keeps the noise paired with its own
     data.  Cost: two all-gathers of B x D values, one B x B assignment on one
-    device, one broadcast of B int64.  With labels the coupling is within each
-    class, as ``objective.ot_pair``.  Returns this process's paired noise."""
+    device, one broadcast of B + 1 int64.  With labels the coupling is within each
+    class, as ``objective.ot_pair``.  Returns this process's paired noise.
+
+    ``host_labels``: the GLOBAL batch's labels on the CPU (rank order, as the gathered
+    batch), if the caller has them: the per-class padding is then sized without a
+    device read.  ``return_status``: return (noise, status) instead of checking the
+    solve here; status is a 0-d int32 tensor on the device, 0 when every problem was
+    solved (else the largest ``lk.ot_couple`` status code), the same on every process
+    (it travels with the broadcast permutation), so no process waits for the device."""
     rank, size = world()
+    groups = None if labels_local is None else host_labels
     if size == 1:
-        return noise_local[lk.ot_couple(data_local, noise_local, groups=labels_local,
-                                        backend=backend)]
+        groups = labels_local if groups is None else groups
+        out = lk.ot_couple(data_local, noise_local, groups=groups, backend=backend,
+                           return_status=return_status)
+        if not return_status:
+            return noise_local[out]
+        perm, status = out
+        return noise_local[perm], status.max().to(torch.int32)
     data = all_gather_batch(data_local)
     noise = all_gather_batch(noise_local)
-    labels = None if labels_local is None else all_gather_batch(labels_local)
+    if labels_local is not None and groups is None:
+        groups = all_gather_batch(labels_local)
+    B = data.shape[0]
     if rank == 0:
-        perm = lk.ot_couple(data, noise, groups=labels, backend=backend)
+        perm, status = lk.ot_couple(data, noise, groups=groups, backend=backend,
+                                    return_status=True)
+        packed = torch.cat([perm, status.max().to(torch.int64).reshape(1)])
     else:
-        perm = torch.empty(data.shape[0], dtype=torch.int64, device=data.device)
-    dist.broadcast(perm, src=0)
-    return share(noise[perm], rank, size)
+        packed = torch.empty(B + 1, dtype=torch.int64, device=data.device)
+    dist.broadcast(packed, src=0)
+    perm, status = packed[:B], packed[B].to(torch.int32)
+    if not return_status and int(status) != 0:  # the caller asked for the check here
+        raise ValueError("global_ot_pair: the OT coupling of the global batch failed on rank 0: "
+                         + STATUS_MESSAGES.get(int(status), f"status {int(status)}"))
+    paired = share(noise[perm], rank, size)
+    return (paired, status) if return_status else paired
 
 
 def diffusion_coefficient(diff_coef, local_mask, global_mask, size):

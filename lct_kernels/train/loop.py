@@ -301,13 +301,15 @@ class Trainer(StageSchedule, RunOutputs):
         ot_ms = 0.0
         if o.ot:
             timer = self._ot_timer.start()
-            if cfg.ot.scope == "global":
-                noise = ddp_lib.global_ot_pair(x, noise, y, backend=self.backend)
+            if cfg.ot.scope == "global":  # the host labels: of the global batch, rank order
+                host_y = None if y is None else self.data.labels[idx_host]
+                noise, status = ddp_lib.global_ot_pair(x, noise, y, backend=self.backend,
+                                                       host_labels=host_y, return_status=True)
             else:
                 host_y = None if y is None else self.data.labels[share(idx_host)]
                 x, noise, y, status = obj.ot_pair(x, noise, y, backend=self.backend,
                                                   host_labels=host_y, return_status=True)
-                self._ot_failed = self._ot_failed | (status != 0).any()  # checked when fetched
+            self._ot_failed = self._ot_failed | (status != 0).any()  # checked when fetched
             ot_ms = timer.stop()
         sigmas, probs = self.grid(self.intervals(step) + 1)
         g_cpu = torch.Generator().manual_seed(_seed_for(cfg.run.seed, step, 3))
