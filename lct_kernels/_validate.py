@@ -90,7 +90,8 @@ def choice(fn, name, value, options):
 
 
 def positive_scalar(fn, name, c, device):
-    """A Python number or a 0-d/1-element floating tensor > 0, as a float64 0-d tensor on device.
+    """A Python number or a 0-d/1-element floating tensor > 0, as a float64 0-d tensor on
+    device (a torch.device).
 
     Python numbers are checked here.  A CPU tensor is checked here too; a CUDA
     tensor is checked on the device without a host synchronisation.
@@ -135,7 +136,7 @@ _SCALARS_MAX = 256
 
 
 def _cached_scalar(value, device):
-    device, stream = torch.device(device), None
+    stream = None
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.full((), value, dtype=torch.float64, device=device)

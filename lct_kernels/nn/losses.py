@@ -5,6 +5,8 @@ import torch
 from .. import _validate as V
 from ..ops import robust_loss as ops
 
+_CPU = torch.device("cpu")
+
 
 class _RobustLoss(torch.nn.Module):
     _fn = None  # set by subclasses
@@ -25,7 +27,8 @@ class _RobustLoss(torch.nn.Module):
 
     @c.setter
     def c(self, value):
-        V.positive_scalar(type(self).__name__, "c", value, "cpu" if not isinstance(value, torch.Tensor) else value.device)
+        device = value.device if isinstance(value, torch.Tensor) else _CPU
+        V.positive_scalar(type(self).__name__, "c", value, device)
         self._c = value
 
     def forward(self, pred, target, weight=None):

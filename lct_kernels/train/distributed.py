@@ -82,19 +82,18 @@ def global_ot_pair(data_local, noise_local, labels_local=None, backend=None, *,
     solved (else the largest ``lk.ot_couple`` status code), the same on every process
     (it travels with the broadcast permutation), so no process waits for the device."""
     rank, size = world()
-    groups = None if labels_local is None else host_labels
     if size == 1:
-        groups = labels_local if groups is None else groups
+        groups = labels_local if host_labels is None or labels_local is None else host_labels
         out = lk.ot_couple(data_local, noise_local, groups=groups, backend=backend,
                            return_status=return_status)
         if not return_status:
             return noise_local[out]
-        perm, status = out
-        return noise_local[perm], status.max().to(torch.int32)
+        return noise_local[out[0]], out[1].max()
     data = all_gather_batch(data_local)
     noise = all_gather_batch(noise_local)
-    if labels_local is not None and groups is None:
-        groups = all_gather_batch(labels_local)
+    groups = None
+    if labels_local is not None:
+        groups = host_labels if host_labels is not None else all_gather_batch(labels_local)
     B = data.shape[0]
     if rank == 0:
         perm, status = lk.ot_couple(data, noise, groups=groups, backend=backend,
@@ -104,9 +103,11 @@ def global_ot_pair(data_local, noise_local, labels_local=None, backend=None, *,
         packed = torch.empty(B + 1, dtype=torch.int64, device=data.device)
     dist.broadcast(packed, src=0)
     perm, status = packed[:B], packed[B].to(torch.int32)
-    if not return_status and int(status) != 0:  # the caller asked for the check here
-        raise ValueError("global_ot_pair: the OT coupling of the global batch failed on rank 0: "
-                         + STATUS_MESSAGES.get(int(status), f"status {int(status)}"))
+    if not return_status:  # the caller asked for the check here: one host read
+        code = int(status)
+        if code != 0:
+            raise ValueError("global_ot_pair: the OT coupling of the global batch failed on "
+                             "rank 0: " + STATUS_MESSAGES.get(code, f"status {code}"))
     paired = share(noise[perm], rank, size)
     return (paired, status) if return_status else paired
 
